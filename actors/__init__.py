@@ -1,0 +1,1 @@
+"""Actors: the session host, session actors and the stage workers."""

@@ -1,0 +1,1 @@
+"""Engines: model code behind the Thinker/Talker interfaces."""

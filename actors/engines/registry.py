@@ -1,0 +1,45 @@
+"""Engine names → (thinker, talker) factories. Options come typed from ``[engines.*]``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from duplexd.actors.engines.base import Talker, Thinker
+from duplexd.actors.engines.scripted import ScriptedOptions, ScriptedTalker, ScriptedThinker
+
+
+class EngineOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[engines]``: one typed section per engine."""
+
+    scripted: ScriptedOptions = ScriptedOptions()
+
+
+ThinkerFactory = Callable[[Any], Thinker]
+TalkerFactory = Callable[[Any], Talker]
+
+_ENGINES: dict[str, tuple[str, ThinkerFactory, TalkerFactory]] = {
+    "scripted": ("scripted", ScriptedThinker, ScriptedTalker),
+}
+
+
+def engine_names() -> list[str]:
+    return sorted(_ENGINES)
+
+
+def _lookup(name: str) -> tuple[str, ThinkerFactory, TalkerFactory]:
+    try:
+        return _ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; known: {', '.join(engine_names())}") from None
+
+
+def build_thinker(name: str, options: EngineOptions) -> Thinker:
+    section, thinker, _ = _lookup(name)
+    return thinker(getattr(options, section))
+
+
+def build_talker(name: str, options: EngineOptions) -> Talker:
+    section, _, talker = _lookup(name)
+    return talker(getattr(options, section))

@@ -1,0 +1,163 @@
+"""Stage0 actor: batches input chunks of all its sessions through the thinker.
+
+Every AudioChunk gets exactly one Stage0Result (or a StageError naming the chunk).
+Input audio is never epoch-dropped here: it is the user's voice and the model's context
+must hold all of it across barge-ins. A result carries the epoch of its chunk; the host
+ignores decisions of older epochs. On an epoch advance the engine discards only the
+output it had pending for the old epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from duplexd.actors.engines.base import EngineError, Thinker, ThinkerInput, ThinkerOutput
+from duplexd.actors.worker import StageWorker, WorkerOptions
+from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.log import get_logger, log
+from duplexd.bus.messages import (
+    AudioChunk,
+    ContextUpdate,
+    EngineInfo,
+    Role,
+    SessionConfig,
+    Stage0Result,
+    StageError,
+)
+from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
+
+_log = get_logger(__name__)
+
+
+class Stage0Worker(StageWorker):
+    """Generic stage0 around a :class:`Thinker`."""
+
+    role = Role.STAGE0
+
+    def __init__(
+        self,
+        thinker: Thinker,
+        addrs: BusAddresses,
+        opts: WorkerOptions | None = None,
+        identity: str | None = None,
+        max_batch: int = 64,
+    ) -> None:
+        super().__init__(addrs, opts, identity)
+        self.thinker = thinker
+        self.max_batch = max_batch
+        self.queues: dict[str, deque[AudioChunk]] = {}
+        self._rr = 0  # rotates which sessions go first when more than max_batch wait
+
+    def engine_info(self) -> EngineInfo:
+        return self.thinker.info
+
+    def open_session(self, session_id: str, config: SessionConfig) -> None:
+        self.thinker.open_session(session_id, config)
+        self.queues[session_id] = deque()
+
+    def update_session(self, session_id: str, config: SessionConfig) -> None:
+        self.thinker.update_session(session_id, config)
+
+    def close_session(self, session_id: str) -> None:
+        self.queues.pop(session_id, None)
+        self.thinker.close_session(session_id)
+
+    def advance_epoch(self, session_id: str) -> None:
+        self.thinker.discard_pending(session_id)
+
+    def is_current(self, session_id: str, epoch: int) -> bool:
+        if session_id not in self.epochs:
+            return False
+        if epoch > self.epochs[session_id]:
+            self.epochs[session_id] = epoch
+            self.advance_epoch(session_id)
+        return True  # input chunks and context are never stale (see module docstring)
+
+    def on_data(self, msg: Any) -> None:
+        if isinstance(msg, AudioChunk):
+            self.queues[msg.session_id].append(msg)
+        elif isinstance(msg, ContextUpdate):
+            try:
+                self.thinker.set_context(msg.session_id, msg.history, msg.instructions)
+            except Exception as exc:
+                self.report_error(msg.session_id, "context_failed", f"{type(exc).__name__}: {exc}")
+
+    def has_work(self) -> bool:
+        return any(self.queues.values())
+
+    def step(self) -> None:
+        waiting = [sid for sid, q in self.queues.items() if q]
+        if len(waiting) > self.max_batch:
+            self._rr = (self._rr + 1) % len(waiting)
+            waiting = (waiting[self._rr :] + waiting[: self._rr])[: self.max_batch]
+        chunks = [self.queues[sid].popleft() for sid in waiting]
+        t0 = time.perf_counter()
+        outputs = self._run(chunks)
+        cost = time.perf_counter() - t0
+        STEP_SECONDS.labels(stage="stage0").observe(cost)
+        STEP_BATCH.labels(stage="stage0").observe(len(chunks))
+        for chunk, out in zip(chunks, outputs, strict=True):
+            if out is not None:
+                self.send_data(_result(chunk, out, cost * 1000))
+
+    def _run(self, chunks: list[AudioChunk]) -> list[ThinkerOutput | None]:
+        """Step the batch; a failing session is answered with a StageError and the
+        rest of the batch is retried without it."""
+        live = list(chunks)
+        results: dict[int, ThinkerOutput | None] = {}
+        while live:
+            batch = [ThinkerInput(c.session_id, c.chunk_seq, c.kind, c.pcm, c.force_listen) for c in live]
+            try:
+                outs = self.thinker.step(batch)
+                if len(outs) != len(batch):
+                    raise EngineError(f"thinker returned {len(outs)} results for {len(batch)} chunks")
+            except EngineError as exc:
+                bad = [c for c in live if exc.session_id in (None, c.session_id)]
+                self._fail(bad, exc.code, str(exc), results)
+                live = [c for c in live if c not in bad]
+                continue
+            except Exception as exc:
+                log(_log, logging.ERROR, "thinker step failed", exc_info=True)
+                self._fail(live, "engine_error", f"{type(exc).__name__}: {exc}", results)
+                break
+            for c, o in zip(live, outs, strict=True):
+                results[id(c)] = o
+            break
+        return [results.get(id(c)) for c in chunks]
+
+    def _fail(
+        self, chunks: list[AudioChunk], code: str, message: str, results: dict[int, ThinkerOutput | None]
+    ) -> None:
+        for c in chunks:
+            results[id(c)] = None
+            STAGE_ERRORS.labels(stage="stage0").inc()
+            log(
+                _log,
+                logging.ERROR,
+                "thinker failed a chunk",
+                session_id=c.session_id,
+                epoch=c.epoch,
+                code=code,
+                error=message,
+            )
+            self.send_control(StageError(c.session_id, c.epoch, code, message, Role.STAGE0, c.chunk_seq))
+
+
+def _result(chunk: AudioChunk, out: ThinkerOutput, cost_ms: float) -> Stage0Result:
+    return Stage0Result(
+        session_id=chunk.session_id,
+        epoch=chunk.epoch,
+        chunk_seq=chunk.chunk_seq,
+        action=out.action,
+        end_of_turn=out.end_of_turn,
+        interrupt=out.interrupt,
+        listen_prob=out.listen_prob,
+        text=out.text,
+        input_transcript=out.input_transcript,
+        tokens=out.tokens,
+        hidden=out.hidden,
+        cost_ms=cost_ms,
+    )

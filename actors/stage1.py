@@ -1,0 +1,181 @@
+"""Stage1 actor: turns handoffs into assistant audio, one chunk per session per step.
+
+Output is pcm16 at 24 kHz; a talker with another native rate is resampled here with a
+streaming soxr resampler per turn. Generation is paced to stay at most ``max_lead_ms``
+ahead of real time per turn, so a barge-in discards little server-side audio and
+memory stays bounded. An epoch advance aborts the session's synthesis between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import soxr
+from duplexd.actors.engines.base import EngineError, Talker, TalkerChunk, TalkerInput
+from duplexd.actors.worker import StageWorker, WorkerOptions
+from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.log import get_logger, log
+from duplexd.bus.messages import AudioOut, EngineInfo, Handoff, Role, SessionConfig
+from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
+
+_log = get_logger(__name__)
+OUTPUT_RATE = 24000
+
+
+@dataclass(slots=True)
+class _Turn:
+    response_id: str
+    item_id: str
+    epoch: int
+    resampler: Any | None
+    seq: int = 0
+    generated_ms: float = 0.0
+    started_at: float | None = None
+
+
+def to_pcm16(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+class Stage1Worker(StageWorker):
+    """Generic stage1 around a :class:`Talker`."""
+
+    role = Role.STAGE1
+
+    def __init__(
+        self,
+        talker: Talker,
+        addrs: BusAddresses,
+        opts: WorkerOptions | None = None,
+        identity: str | None = None,
+        max_lead_ms: int = 1500,
+        max_batch: int = 64,
+    ) -> None:
+        super().__init__(addrs, opts, identity)
+        self.talker = talker
+        self.max_lead_ms = max_lead_ms
+        self.max_batch = max_batch
+        self.turns: dict[str, _Turn] = {}
+
+    def engine_info(self) -> EngineInfo | None:
+        return None
+
+    def open_session(self, session_id: str, config: SessionConfig) -> None:
+        self.talker.open_session(session_id, config)
+
+    def update_session(self, session_id: str, config: SessionConfig) -> None:
+        self.talker.update_session(session_id, config)
+
+    def close_session(self, session_id: str) -> None:
+        self.turns.pop(session_id, None)
+        self.talker.close_session(session_id)
+
+    def advance_epoch(self, session_id: str) -> None:
+        self.turns.pop(session_id, None)
+        self.talker.abort(session_id)
+
+    def on_data(self, msg: Any) -> None:
+        if not isinstance(msg, Handoff):
+            return
+        sid = msg.session_id
+        turn = self.turns.get(sid)
+        if turn is None or turn.response_id != msg.response_id:
+            rs = None
+            if self.talker.output_rate != OUTPUT_RATE:
+                rs = soxr.ResampleStream(self.talker.output_rate, OUTPUT_RATE, 1, dtype="float32")
+            turn = self.turns[sid] = _Turn(msg.response_id, msg.item_id, msg.epoch, rs)
+        try:
+            self.talker.feed(
+                sid, TalkerInput(msg.text, msg.end_of_turn, msg.tokens, msg.hidden, msg.voice, turn_key=msg.response_id)
+            )
+        except Exception as exc:
+            self._session_failed(sid, exc)
+
+    def _eligible(self, now: float) -> list[str]:
+        out = []
+        for sid, turn in self.turns.items():
+            if not self.talker.pending(sid):
+                continue
+            if self.max_lead_ms and turn.started_at is not None:
+                elapsed = (now - turn.started_at) * 1000
+                if turn.generated_ms - elapsed >= self.max_lead_ms:
+                    continue
+            out.append(sid)
+        return out[: self.max_batch]
+
+    def has_work(self) -> bool:
+        return bool(self._eligible(time.monotonic()))
+
+    def next_due_s(self) -> float | None:
+        now = time.monotonic()
+        due = [
+            t.started_at + (t.generated_ms - self.max_lead_ms) / 1000 - now
+            for sid, t in self.turns.items()
+            if t.started_at is not None and self.talker.pending(sid)
+        ]
+        return max(0.0, min(due)) if due else None
+
+    def step(self) -> None:
+        now = time.monotonic()
+        sids = self._eligible(now)
+        t0 = time.perf_counter()
+        try:
+            chunks = self.talker.step(sids)
+        except EngineError as exc:
+            self._step_failed(sids if exc.session_id is None else [exc.session_id], exc)
+            return
+        except Exception as exc:
+            log(_log, logging.ERROR, "talker step failed", exc_info=True)
+            self._step_failed(sids, exc)
+            return
+        STEP_SECONDS.labels(stage="stage1").observe(time.perf_counter() - t0)
+        STEP_BATCH.labels(stage="stage1").observe(len(sids))
+        for sid, chunk in zip(sids, chunks, strict=True):
+            if chunk is not None:
+                self._emit(sid, chunk, now)
+
+    def _emit(self, sid: str, chunk: TalkerChunk, now: float) -> None:
+        turn = self.turns.get(sid)
+        if turn is None:
+            return
+        pcm = chunk.pcm.astype(np.float32, copy=False)
+        if turn.resampler is not None:
+            pcm = turn.resampler.resample_chunk(pcm, last=chunk.end_of_turn)
+        if turn.started_at is None and pcm.size:
+            turn.started_at = now
+        start_ms = int(turn.generated_ms)
+        turn.generated_ms += pcm.size * 1000 / OUTPUT_RATE
+        self.send_data(
+            AudioOut(
+                sid,
+                turn.epoch,
+                turn.response_id,
+                turn.item_id,
+                turn.seq,
+                to_pcm16(pcm),
+                text=chunk.text,
+                end_of_turn=chunk.end_of_turn,
+                start_ms=start_ms,
+            )
+        )
+        turn.seq += 1
+        if chunk.end_of_turn:
+            del self.turns[sid]
+
+    def _step_failed(self, sids: list[str], exc: BaseException) -> None:
+        for sid in sids:
+            self._session_failed(sid, exc)
+
+    def _session_failed(self, sid: str, exc: BaseException) -> None:
+        STAGE_ERRORS.labels(stage="stage1").inc()
+        code = exc.code if isinstance(exc, EngineError) else "engine_error"
+        self.turns.pop(sid, None)
+        try:
+            self.talker.abort(sid)
+        except Exception:
+            log(_log, logging.ERROR, "talker abort failed", session_id=sid, exc_info=True)
+        self.report_error(sid, code, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,1 @@
+"""Adapters: websocket protocols, audio conversion and the browser demo."""

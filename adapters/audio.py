@@ -1,0 +1,128 @@
+"""Audio conversion at the edge: client formats ↔ the engine's native format.
+
+Input is converted once, here, with soxr (a real resampler) to float32 at the engine's
+input rate; output leaves as pcm16 at 24 kHz or G.711 at 8 kHz. G.711 uses the
+standard library's ``audioop`` (``audioop-lts`` on Python 3.13+), a maintained codec.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+if sys.version_info >= (3, 13):  # pragma: no cover - depends on the interpreter
+    import audioop  # provided by audioop-lts
+else:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+
+OUTPUT_RATE = 24000
+G711_RATE = 8000
+
+
+class AudioFormatError(ValueError):
+    """Client audio that cannot be decoded as declared."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFormat:
+    """A client-side audio format: encoding (pcm16 | pcmu | pcma | float32) and rate."""
+
+    encoding: str = "pcm16"
+    rate: int = OUTPUT_RATE
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return {"pcm16": 2, "pcmu": 1, "pcma": 1, "float32": 4}[self.encoding]
+
+
+PCM16_24K = AudioFormat("pcm16", 24000)
+PCMU = AudioFormat("pcmu", G711_RATE)
+PCMA = AudioFormat("pcma", G711_RATE)
+SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+def b64decode(data: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AudioFormatError("invalid_base64", f"audio is not valid base64: {exc}") from exc
+
+
+def b64encode(data: bytes | memoryview | np.ndarray) -> str:
+    return base64.b64encode(memoryview(data).cast("B") if not isinstance(data, bytes) else data).decode()
+
+
+def decode(raw: bytes | memoryview, fmt: AudioFormat) -> np.ndarray:
+    """Client bytes → float32 mono at ``fmt.rate``."""
+    n = len(raw)
+    if n % fmt.bytes_per_sample:
+        raise AudioFormatError(
+            "invalid_audio_length",
+            f"{fmt.encoding} audio must be a whole number of {fmt.bytes_per_sample}-byte samples; got {n} bytes",
+        )
+    if fmt.encoding == "pcm16":
+        return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    if fmt.encoding == "float32":
+        x = np.frombuffer(raw, dtype="<f4")
+        if not np.all(np.isfinite(x)):
+            raise AudioFormatError("invalid_audio", "float32 audio contains NaN or infinity")
+        return x.astype(np.float32, copy=True)
+    lin = audioop.ulaw2lin(bytes(raw), 2) if fmt.encoding == "pcmu" else audioop.alaw2lin(bytes(raw), 2)
+    return np.frombuffer(lin, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def encode(pcm16_24k: np.ndarray, fmt: AudioFormat, resampler: OutputResampler | None = None) -> bytes:
+    """pcm16 24 kHz → client bytes in ``fmt``."""
+    if fmt.encoding == "pcm16" and fmt.rate == OUTPUT_RATE:
+        return pcm16_24k.astype("<i2", copy=False).tobytes()
+    x = pcm16_24k.astype(np.float32) / 32768.0
+    if fmt.rate != OUTPUT_RATE:
+        x = resampler.push(x) if resampler else soxr.resample(x, OUTPUT_RATE, fmt.rate)
+    if fmt.encoding == "float32":
+        return x.astype("<f4").tobytes()
+    lin = np.round(np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+    if fmt.encoding == "pcm16":
+        return lin
+    return audioop.lin2ulaw(lin, 2) if fmt.encoding == "pcmu" else audioop.lin2alaw(lin, 2)
+
+
+class InputResampler:
+    """Streaming client-rate → engine-rate conversion (state kept across appends)."""
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._rs = None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        if self._rs is None:
+            return x
+        return self._rs.resample_chunk(x)
+
+    def flush(self) -> np.ndarray:
+        """The resampler's tail (call before commit so the last milliseconds count)."""
+        if self._rs is None:
+            return np.zeros(0, dtype=np.float32)
+        tail = self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._rs = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32")
+        return tail
+
+
+class OutputResampler(InputResampler):
+    """Streaming 24 kHz → client-rate conversion for assistant audio."""
+
+    def __init__(self, out_rate: int) -> None:
+        super().__init__(OUTPUT_RATE, out_rate)

@@ -1,0 +1,236 @@
+"""The adapter process: websocket endpoints plus health, metrics and the browser demo.
+
+Routes (one port):
+  ws   /v1/realtime   OpenAI Realtime protocol (GA; beta with ``OpenAI-Beta: realtime=v1``)
+  ws   /v1/duplex     native duplex protocol
+  GET  /health        JSON, 200 only when all four roles are ready
+  GET  /metrics       Prometheus exposition of every role
+  GET  /              static browser demo
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+from duplexd.adapters.http import WEB_DIR, json_response, metrics_response, static_response
+from duplexd.adapters.link import HostLink
+from duplexd.adapters.protocol import ProtocolHandler
+from duplexd.bus.log import get_logger, log
+from duplexd.bus.messages import PROTOCOL_VERSION, Role, SessionConfig
+from duplexd.bus.metrics import REGISTRY, RemoteCollector
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+_log = get_logger(__name__)
+
+HandlerFactory = Callable[[ServerConnection, "AdapterServer"], ProtocolHandler]
+
+
+class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[server]``: the public side of the adapter."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = []
+    api_key_file: str = ""
+    allow_insecure_bind: bool = False  # serve a non-loopback address without API keys
+    max_message_bytes: int = 64 * 1024 * 1024  # websocket frame limit (larger closes with 1009)
+    max_audio_bytes: int = 15 * 1024 * 1024  # one append's decoded audio (larger: error event)
+    drain_timeout_s: float = 10.0
+    bridge_port: int = 0  # MiniCPM-o demo bridge port (0: off)
+    web_dir: str = ""  # override the bundled browser demo
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def load_api_keys(settings: ServerSettings) -> list[str]:
+    keys = [k for k in settings.api_keys if k]
+    if settings.api_key_file:
+        text = Path(settings.api_key_file).read_text()
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return keys
+
+
+def check_bind(settings: ServerSettings) -> None:
+    """Refuse to expose an unauthenticated server beyond this machine unless told to."""
+    if not is_loopback(settings.host) and not load_api_keys(settings) and not settings.allow_insecure_bind:
+        raise ValueError(
+            f"refusing to bind {settings.host}: no API keys configured. Set server.api_keys or "
+            "server.api_key_file, or server.allow_insecure_bind = true to serve without authentication."
+        )
+
+
+class AdapterServer:
+    """Serves the websocket protocols over a :class:`HostLink`."""
+
+    def __init__(self, settings: ServerSettings, link: HostLink, default_session: SessionConfig) -> None:
+        self.settings = settings
+        self.link = link
+        self.default_session = default_session
+        self.max_audio_bytes = settings.max_audio_bytes
+        self.api_keys = load_api_keys(settings)
+        self.web_dir = Path(settings.web_dir) if settings.web_dir else WEB_DIR
+        self.routes: dict[str, HandlerFactory] = {}
+        self.remote_metrics = RemoteCollector()
+        self.draining = False
+        self._server: Server | None = None
+        self._handlers: set[ProtocolHandler] = set()
+        self._default_routes()
+
+    def _default_routes(self) -> None:
+        from duplexd.adapters.native import NativeHandler
+
+        self.routes["/v1/duplex"] = NativeHandler
+        try:
+            from duplexd.adapters.realtime import RealtimeHandler
+        except ImportError:  # pragma: no cover - realtime adapter not installed
+            return
+        self.routes["/v1/realtime"] = RealtimeHandler
+
+    # ------------------------------------------------------------------ HTTP
+    def authorized(self, request: Request) -> bool:
+        if not self.api_keys:
+            return True
+        offered: list[str] = []
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            offered.append(auth[7:].strip())
+        for proto in request.headers.get_all("Sec-WebSocket-Protocol"):
+            for p in (x.strip() for x in proto.split(",")):
+                if p.startswith("openai-insecure-api-key."):
+                    offered.append(p.removeprefix("openai-insecure-api-key."))
+        offered += parse_qs(urlsplit(request.path).query).get("api_key", [])
+        return any(hmac.compare_digest(o, k) for o in offered for k in self.api_keys)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        status = self.link.status
+        roles: list[dict[str, Any]] = [
+            {
+                "role": Role.ADAPTER.value,
+                "identity": self.link.identity,
+                "pid": os.getpid(),
+                "state": "ready",
+                "protocol_version": PROTOCOL_VERSION,
+                "host": socket.gethostname(),
+            }
+        ]
+        if status is not None:
+            roles += [msgspec.to_builtins(r) for r in status.roles]
+        ok = self.link.ready() and not self.draining
+        body = {
+            "status": "ok" if ok else ("draining" if self.draining or (status and status.draining) else "starting"),
+            "protocol_version": PROTOCOL_VERSION,
+            "roles": roles,
+            "sessions": status.sessions if status else 0,
+            "engine": msgspec.to_builtins(status.engine) if status and status.engine else None,
+        }
+        return (200 if ok else 503), body
+
+    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path.rstrip("/") or "/"
+        if path == "/health":
+            code, body = self.health()
+            return json_response(code, body)
+        if path == "/metrics":
+            if not self.authorized(request):
+                return json_response(401, {"error": "invalid or missing API key"})
+            if self.link.status is not None:
+                self.remote_metrics.update(self.link.status.metrics)
+            return metrics_response(REGISTRY, self._remote_registry())
+        if path in self.routes:
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                return json_response(426, {"error": f"{path} is a websocket endpoint"})
+            if not self.authorized(request):
+                return json_response(
+                    401,
+                    {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "invalid_api_key",
+                            "message": "invalid or missing API key",
+                        }
+                    },
+                )
+            if self.draining:
+                return json_response(503, {"error": "server is shutting down"})
+            return None
+        static = static_response(request.path, self.web_dir)
+        if static is not None:
+            return static
+        return json_response(404, {"error": f"no route {path}"})
+
+    def _remote_registry(self) -> Any:
+        from prometheus_client import CollectorRegistry
+
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(self.remote_metrics)
+        return reg
+
+    @staticmethod
+    def select_subprotocol(conn: ServerConnection, offered: Any) -> Any:
+        # Browsers offering "realtime" (plus the key/beta markers) need one echoed back.
+        for p in offered:
+            if p == "realtime":
+                return p
+        return None
+
+    # ------------------------------------------------------------------ websocket
+    async def handle(self, conn: ServerConnection) -> None:
+        assert conn.request is not None
+        path = urlsplit(conn.request.path).path.rstrip("/")
+        factory = self.routes.get(path)
+        if factory is None:  # pragma: no cover - process_request filtered it
+            await conn.close(1008, "no such endpoint")
+            return
+        handler = factory(conn, self)
+        self._handlers.add(handler)
+        try:
+            await handler.run()
+        finally:
+            self._handlers.discard(handler)
+
+    async def start(self) -> None:
+        s = self.settings
+        self._server = await serve(
+            self.handle,
+            s.host,
+            s.port,
+            process_request=self.process_request,
+            select_subprotocol=self.select_subprotocol,
+            max_size=s.max_message_bytes,
+            max_queue=64,
+            compression=None,  # audio does not deflate; compression only adds latency
+            ping_interval=20,
+            ping_timeout=20,
+        )
+        sock = next(iter(self._server.sockets))
+        self.bound_port = sock.getsockname()[1]
+        log(_log, logging.INFO, "adapter listening", host=s.host, port=self.bound_port)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop taking connections; let active responses end; then close with 1001."""
+        self.draining = True
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._handlers and asyncio.get_running_loop().time() < deadline:
+            if not any(h.busy() for h in self._handlers):
+                break
+            await asyncio.sleep(0.05)
+        for h in list(self._handlers):
+            with contextlib.suppress(Exception):
+                await h.ws.close(1001, "server shutting down")
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

@@ -1,0 +1,1 @@
+"""The duplexd message bus: wire types, codec, sockets."""

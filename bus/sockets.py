@@ -1,0 +1,281 @@
+"""ZeroMQ sockets of the bus: two planes (control, data) between the host and each peer.
+
+The session host binds one ROUTER per plane; every other process (adapter, stage0,
+stage1) connects one DEALER per plane with a fixed identity and says ``Hello`` on both
+(so the host can route to it on both), then waits for ``Ready`` on control.
+
+Sends never block: a full data queue raises :class:`Backpressure`, which callers turn
+into a clear overload error instead of unbounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.codec import CodecError, Encoder, control_decoder, data_decoder
+from duplexd.bus.messages import (
+    PROTOCOL_VERSION,
+    Hello,
+    Message,
+    Plane,
+    Ready,
+    Refused,
+)
+
+CONTROL: Plane = "control"
+DATA: Plane = "data"
+CONTROL_HWM = 10_000
+
+
+class Backpressure(Exception):
+    """A data queue toward a peer is full, or the peer is not connected."""
+
+
+class HandshakeError(Exception):
+    """The host did not answer Hello in time, or refused us."""
+
+
+@dataclass(slots=True)
+class Received:
+    """One message off a socket: who sent it (ROUTER side), what, and its raw frames."""
+
+    plane: Plane
+    identity: bytes
+    msg: Any
+    frames: list[Any] = field(repr=False)
+
+
+@dataclass(slots=True)
+class BusErrorCounter:
+    """Frames that did not decode; the loop keeps running and counts them."""
+
+    count: int = 0
+    last: str = ""
+
+    def add(self, exc: Exception) -> None:
+        self.count += 1
+        self.last = str(exc)
+
+
+class Channel:
+    """Control + data sockets with the codec; a synchronous, never-blocking API."""
+
+    def __init__(self, ctx: zmq.Context, ctl: zmq.Socket, data: zmq.Socket, routed: bool) -> None:
+        self.ctx = ctx
+        self.ctl = ctl
+        self.data = data
+        self._routed = routed
+        self._enc = Encoder()
+        self._dec = {CONTROL: control_decoder(), DATA: data_decoder()}
+        self.bad_frames = BusErrorCounter()
+
+    # ------------------------------------------------------------------ send
+    def encode(self, msg: Message) -> list[Any]:
+        return self._enc.encode(msg)
+
+    def send(self, plane: Plane, msg: Message, identity: bytes | None = None) -> None:
+        self.send_frames(plane, self._enc.encode(msg), identity)
+
+    def send_frames(self, plane: Plane, frames: Sequence[Any], identity: bytes | None = None) -> None:
+        sock = self.ctl if plane == CONTROL else self.data
+        parts = [identity, *frames] if self._routed else list(frames)
+        try:
+            # copy=False: pyzmq keeps the buffers referenced until libzmq is done with them;
+            # frames under its copy threshold are copied anyway, which is cheaper for small ones.
+            sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again as exc:
+            raise Backpressure(f"{plane} queue to {identity!r} is full") from exc
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise Backpressure(f"peer {identity!r} is not connected on {plane}") from exc
+            raise
+
+    # ------------------------------------------------------------------ receive
+    def recv_nowait(self, plane: Plane) -> Received | None:
+        """One decoded message, or None when the socket has nothing. Undecodable
+        messages are counted and skipped: a bad frame never stops the loop."""
+        sock = self.ctl if plane == CONTROL else self.data
+        while True:
+            try:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            identity = b""
+            if self._routed:
+                identity = parts[0].bytes
+                parts = parts[1:]
+            try:
+                msg = self._dec[plane].decode(parts)
+            except CodecError as exc:
+                self.bad_frames.add(exc)
+                continue
+            return Received(plane, identity, msg, parts)
+
+    def drain(self, plane: Plane, limit: int = 1 << 30) -> Iterator[Received]:
+        for _ in range(limit):
+            r = self.recv_nowait(plane)
+            if r is None:
+                return
+            yield r
+
+    def readable(self) -> tuple[bool, bool]:
+        """(control readable, data readable), reading EVENTS (this also re-arms the FD)."""
+        return (
+            bool(self.ctl.get(zmq.EVENTS) & zmq.POLLIN),
+            bool(self.data.get(zmq.EVENTS) & zmq.POLLIN),
+        )
+
+    def poll(self, timeout_ms: int) -> tuple[bool, bool]:
+        """Block up to ``timeout_ms`` until either plane is readable (sync workers)."""
+        poller = zmq.Poller()
+        poller.register(self.ctl, zmq.POLLIN)
+        poller.register(self.data, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        return self.ctl in ready, self.data in ready
+
+    def close(self, linger_ms: int = 200) -> None:
+        for s in (self.ctl, self.data):
+            with contextlib.suppress(zmq.ZMQError):
+                s.close(linger=linger_ms)
+
+
+def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.SNDHWM, hwm)
+    s.setsockopt(zmq.RCVHWM, hwm)
+    s.setsockopt(zmq.LINGER, 0)
+    return s
+
+
+def bind_host(addrs: BusAddresses, ctx: zmq.Context | None = None) -> Channel:
+    """The session host's side: ROUTER per plane, strict routing (unknown peer → error)."""
+    ctx = ctx or zmq.Context.instance()
+    addrs.prepare()
+    ctl = _socket(ctx, zmq.ROUTER, CONTROL_HWM)
+    data = _socket(ctx, zmq.ROUTER, addrs.data_hwm)
+    for s, addr in ((ctl, addrs.control), (data, addrs.data)):
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.bind(addr)
+    return Channel(ctx, ctl, data, routed=True)
+
+
+def connect_peer(addrs: BusAddresses, identity: str, ctx: zmq.Context | None = None) -> Channel:
+    """A worker's or adapter's side: DEALER per plane with a fixed identity."""
+    ctx = ctx or zmq.Context.instance()
+    ctl = _socket(ctx, zmq.DEALER, CONTROL_HWM)
+    data = _socket(ctx, zmq.DEALER, addrs.data_hwm)
+    for s, addr in ((ctl, addrs.control), (data, addrs.data)):
+        s.setsockopt(zmq.IDENTITY, identity.encode())
+        s.connect(addr)
+    return Channel(ctx, ctl, data, routed=False)
+
+
+def say_hello(chan: Channel, hello: Hello) -> None:
+    """Hello on both planes: the host routes to us only once it has seen both."""
+    chan.send(CONTROL, hello)
+    chan.send(DATA, hello)
+
+
+def check_ready(msg: Any) -> Ready | None:
+    if isinstance(msg, Refused):
+        raise HandshakeError(
+            f"host refused: {msg.reason} (host protocol {msg.protocol_version}, ours {PROTOCOL_VERSION})"
+        )
+    if isinstance(msg, Ready):
+        if msg.protocol_version != PROTOCOL_VERSION:
+            raise HandshakeError(f"host speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}")
+        return msg
+    return None
+
+
+def handshake(chan: Channel, hello: Hello, timeout_s: float, retry_s: float = 1.0) -> Ready:
+    """Blocking HELLO → READY for stage workers. Other control messages before Ready are
+    dropped (the host only talks to us after Ready)."""
+    deadline = time.monotonic() + timeout_s
+    next_hello = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise HandshakeError(f"no Ready from the session host within {timeout_s:.1f}s")
+        if now >= next_hello:
+            say_hello(chan, hello)
+            next_hello = now + retry_s
+        ctl_ready, _ = chan.poll(int(min(deadline, next_hello) * 1000 - now * 1000) + 1)
+        if ctl_ready:
+            for r in chan.drain(CONTROL):
+                ready = check_ready(r.msg)
+                if ready is not None:
+                    return ready
+
+
+class AsyncWaiter:
+    """Lets an asyncio loop wait until a channel is readable, without zmq.asyncio's
+    per-poll futures: one reader callback per FD sets an event; EVENTS is re-read
+    before every wait because the ZeroMQ FD is edge-triggered."""
+
+    def __init__(self, chan: Channel, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._chan = chan
+        self._loop = loop or asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._fds = (chan.ctl.get(zmq.FD), chan.data.get(zmq.FD))
+        for fd in self._fds:
+            self._loop.add_reader(fd, self._event.set)
+
+    async def wait(self, timeout_s: float | None = None) -> tuple[bool, bool]:
+        ready = self._chan.readable()
+        if ready[0] or ready[1]:
+            return ready
+        self._event.clear()
+        ready = self._chan.readable()
+        if ready[0] or ready[1]:
+            return ready
+        if timeout_s is None:
+            await self._event.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._event.wait()
+        return self._chan.readable()
+
+    def wake(self) -> None:
+        """Sends re-arm the FD's edge; poke the waiter so it re-reads EVENTS."""
+        self._event.set()
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(fd)
+
+
+async def handshake_async(
+    chan: Channel, waiter: AsyncWaiter, hello: Hello, timeout_s: float, retry_s: float = 1.0
+) -> Ready:
+    """HELLO → READY for the asyncio side (adapter)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise HandshakeError(f"no Ready from the session host within {timeout_s:.1f}s")
+        say_hello(chan, hello)
+        waiter.wake()
+        until = min(deadline, now + retry_s)
+        while time.monotonic() < until:
+            ctl_ready, _ = await waiter.wait(until - time.monotonic())
+            if ctl_ready:
+                for r in chan.drain(CONTROL):
+                    ready = check_ready(r.msg)
+                    if ready is not None:
+                        return ready
+
+
+def peer_identity(role: str, suffix: str | None = None) -> str:
+    """A fixed, unique identity for this process: role plus host and pid by default."""
+    return f"{role}-{suffix or f'{os.uname().nodename}-{os.getpid()}'}"

@@ -1,0 +1,1 @@
+"""Runtime: CLI, config, supervisor, logging and process wiring."""

@@ -1,0 +1,146 @@
+"""Configuration: TOML (or JSON) decoded into typed msgspec Structs.
+
+Unknown keys and bad values are errors that name the file and the key path.
+``configs/default.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+from duplexd.actors.engines.registry import EngineOptions, engine_names
+from duplexd.adapters.server import ServerSettings, check_bind
+from duplexd.bus.addresses import BusAddresses, default_run_dir, ipc_addresses
+from duplexd.bus.messages import SessionConfig
+
+_STRICT = {"frozen": True, "forbid_unknown_fields": True}
+
+
+class BusConfig(msgspec.Struct, **_STRICT):
+    """``[bus]``: where the session host listens and how peers keep in touch."""
+
+    run_dir: str = ""  # ipc sockets live here; default $XDG_RUNTIME_DIR or /tmp, per port
+    control: str = ""  # explicit endpoints (e.g. tcp://10.0.0.5:7001) override run_dir
+    data: str = ""
+    data_hwm: int = 2000
+    handshake_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 5.0
+
+
+class HostConfig(msgspec.Struct, **_STRICT):
+    """``[host]``: session host knobs that are not per-session protocol settings."""
+
+    vad: str = "silero"  # silero | energy
+    max_input_buffer_ms: int = 15 * 60 * 1000
+    continuation_pace: float = 1.0
+
+
+class Stage0Config(msgspec.Struct, **_STRICT):
+    max_batch: int = 64
+
+
+class Stage1Config(msgspec.Struct, **_STRICT):
+    max_batch: int = 64
+    max_lead_ms: int = 1500  # generate at most this far ahead of real time (0: unbounded)
+
+
+class EngineConfig(msgspec.Struct, **_STRICT):
+    name: str = "scripted"
+
+
+class SupervisorConfig(msgspec.Struct, **_STRICT):
+    restart_max: int = 3  # restarts of one role allowed within restart_window_s...
+    restart_window_s: float = 5.0  # ...before the supervisor gives up loudly
+    start_timeout_s: float = 300.0  # model loading included
+    stop_timeout_s: float = 15.0
+
+
+class LoggingConfig(msgspec.Struct, **_STRICT):
+    level: str = "INFO"
+    format: str = "json"  # json | text
+
+
+class Config(msgspec.Struct, **_STRICT):
+    server: ServerSettings = ServerSettings()
+    bus: BusConfig = BusConfig()
+    host: HostConfig = HostConfig()
+    session: SessionConfig = SessionConfig()
+    stage0: Stage0Config = Stage0Config()
+    stage1: Stage1Config = Stage1Config()
+    engine: EngineConfig = EngineConfig()
+    engines: EngineOptions = EngineOptions()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def addresses(self) -> BusAddresses:
+        if self.bus.control and self.bus.data:
+            return BusAddresses(self.bus.control, self.bus.data, self.bus.data_hwm)
+        return ipc_addresses(self.run_dir(), self.bus.data_hwm)
+
+    def run_dir(self) -> str:
+        return self.bus.run_dir or default_run_dir(self.server.port)
+
+
+class ConfigError(ValueError):
+    """A config file that does not decode or validate."""
+
+
+def validate(cfg: Config) -> Config:
+    if cfg.engine.name not in engine_names():
+        raise ConfigError(f"engine.name: unknown engine {cfg.engine.name!r}; known: {', '.join(engine_names())}")
+    if cfg.host.vad not in ("silero", "energy"):
+        raise ConfigError(f"host.vad: {cfg.host.vad!r} is not 'silero' or 'energy'")
+    if cfg.logging.format not in ("json", "text"):
+        raise ConfigError(f"logging.format: {cfg.logging.format!r} is not 'json' or 'text'")
+    if bool(cfg.bus.control) != bool(cfg.bus.data):
+        raise ConfigError("bus.control and bus.data must be set together")
+    if not 0 <= cfg.server.port <= 65535:
+        raise ConfigError(f"server.port: {cfg.server.port} out of range")
+    try:
+        check_bind(cfg.server)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"server: {exc}") from exc
+    return cfg
+
+
+def load(path: str | Path | None) -> Config:
+    """Decode and validate a config file (TOML, or JSON by extension); None → defaults."""
+    if path is None:
+        return validate(Config())
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: {exc.strerror}") from exc
+    try:
+        if p.suffix == ".json":
+            cfg = msgspec.json.decode(data, type=Config)
+        else:
+            cfg = msgspec.toml.decode(data, type=Config)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{p}: {exc}") from exc
+    return validate(cfg)
+
+
+def with_overrides(
+    cfg: Config,
+    host: str | None = None,
+    port: int | None = None,
+    engine: str | None = None,
+    log_format: str | None = None,
+) -> Config:
+    if log_format is not None:
+        cfg = msgspec.structs.replace(cfg, logging=msgspec.structs.replace(cfg.logging, format=log_format))
+    server = cfg.server
+    if host is not None:
+        server = msgspec.structs.replace(server, host=host)
+    if port is not None:
+        server = msgspec.structs.replace(server, port=port)
+    eng = cfg.engine if engine is None else EngineConfig(name=engine)
+    return validate(msgspec.structs.replace(cfg, server=server, engine=eng))
+
+
+def dump_json(cfg: Config) -> bytes:
+    return msgspec.json.encode(cfg)

@@ -1,0 +1,140 @@
+"""One function per role: build it from config and serve until told to stop.
+
+Each is what ``duplexd run ROLE`` executes, alone (systemd, multi-host) or as a child
+of the supervisor. Readiness is reported with sd_notify in both cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+import uvloop
+from duplexd.actors.engines.registry import build_talker, build_thinker
+from duplexd.actors.host import SessionHost
+from duplexd.actors.session import HostSettings
+from duplexd.actors.stage0 import Stage0Worker
+from duplexd.actors.stage1 import Stage1Worker
+from duplexd.actors.worker import StageWorker, WorkerOptions, run_worker_forever
+from duplexd.adapters.link import HostLink
+from duplexd.adapters.server import AdapterServer
+from duplexd.bus.log import get_logger, log
+from duplexd.runtime import sdnotify
+from duplexd.runtime.config import Config
+
+_log = get_logger("duplexd.runtime")
+
+ROLES = ("host", "stage0", "stage1", "adapter")
+
+
+def _worker_options(cfg: Config) -> WorkerOptions:
+    b = cfg.bus
+    return WorkerOptions(b.handshake_timeout_s, b.heartbeat_interval_s, b.heartbeat_timeout_s)
+
+
+def run_host(cfg: Config) -> int:
+    settings = HostSettings(
+        vad=cfg.host.vad, max_input_buffer_ms=cfg.host.max_input_buffer_ms, continuation_pace=cfg.host.continuation_pace
+    )
+    host = SessionHost(cfg.addresses(), settings, cfg.bus.heartbeat_interval_s, cfg.bus.heartbeat_timeout_s)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        def on_signal() -> None:
+            if not host.draining:
+                sdnotify.stopping()
+                t = loop.create_task(host.drain_and_stop(cfg.server.drain_timeout_s))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await host.serve(ready=lambda: sdnotify.ready("session host listening"))
+
+    uvloop.run(main())
+    return 0
+
+
+def _load_engine(what: str, load: Callable[[], None], warm_up: Callable[[], None], name: str) -> None:
+    t0 = time.perf_counter()
+    log(_log, logging.INFO, f"loading {what}", engine=name)
+    load()
+    t1 = time.perf_counter()
+    log(_log, logging.INFO, f"{what} loaded; warming up", engine=name, load_s=round(t1 - t0, 3))
+    warm_up()
+    log(_log, logging.INFO, f"{what} warm", engine=name, warm_up_s=round(time.perf_counter() - t1, 3))
+
+
+def _serve_worker(worker: StageWorker) -> int:
+    def on_signal(signum: int, frame: object) -> None:
+        worker.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.on_ready = lambda: sdnotify.ready(f"{worker.role.value} ready")
+    return run_worker_forever(worker)
+
+
+def run_stage0(cfg: Config) -> int:
+    thinker = build_thinker(cfg.engine.name, cfg.engines)
+    _load_engine("thinker", thinker.load, thinker.warm_up, cfg.engine.name)
+    worker = Stage0Worker(thinker, cfg.addresses(), _worker_options(cfg), max_batch=cfg.stage0.max_batch)
+    return _serve_worker(worker)
+
+
+def run_stage1(cfg: Config) -> int:
+    talker = build_talker(cfg.engine.name, cfg.engines)
+    _load_engine("talker", talker.load, talker.warm_up, cfg.engine.name)
+    worker = Stage1Worker(
+        talker,
+        cfg.addresses(),
+        _worker_options(cfg),
+        max_lead_ms=cfg.stage1.max_lead_ms,
+        max_batch=cfg.stage1.max_batch,
+    )
+    return _serve_worker(worker)
+
+
+def run_adapter(cfg: Config) -> int:
+    b = cfg.bus
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        link = HostLink(cfg.addresses(), b.handshake_timeout_s, b.heartbeat_interval_s, b.heartbeat_timeout_s)
+        await link.start()
+        server = AdapterServer(cfg.server, link, cfg.session)
+        await server.start()
+        bridge = None
+        if cfg.server.bridge_port:
+            from duplexd.adapters.bridge import BridgeServer
+
+            bridge = BridgeServer(cfg.server, link, cfg.session)
+            await bridge.start()
+        await link.wait_connected(b.handshake_timeout_s * 10)
+        sdnotify.ready(f"adapter listening on {cfg.server.host}:{server.bound_port}")
+        await stop.wait()
+        sdnotify.stopping()
+        log(_log, logging.INFO, "adapter draining")
+        if bridge is not None:
+            await bridge.drain()
+        await server.drain()
+        await link.stop()
+
+    uvloop.run(main())
+    return 0
+
+
+RUNNERS: dict[str, Callable[[Config], int]] = {
+    "host": run_host,
+    "stage0": run_stage0,
+    "stage1": run_stage1,
+    "adapter": run_adapter,
+}

@@ -1,0 +1,196 @@
+"""``duplexd serve``: the four roles as child processes on one machine.
+
+Children are real processes (``python -m duplexd.runtime.cli run ROLE``). They report
+readiness with sd_notify to a datagram socket the supervisor owns, exactly as they do
+under systemd. A child that dies is restarted, at most ``restart_max`` times within
+``restart_window_s``; beyond that the supervisor stops everything and exits non-zero.
+SIGINT/SIGTERM stop the roles in dependency order: adapter (drains clients), host,
+stages. Children get SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from duplexd.bus.log import get_logger, log
+from duplexd.bus.metrics import ROLE_RESTARTS
+from duplexd.runtime import sdnotify
+from duplexd.runtime.config import Config, dump_json
+
+_log = get_logger("duplexd.supervisor")
+
+START_ORDER = ("host", "stage0", "stage1", "adapter")
+STOP_ORDER = ("adapter", "host", "stage1", "stage0")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(slots=True)
+class Child:
+    role: str
+    proc: subprocess.Popen[bytes] | None = None
+    ready: bool = False
+    restarts: deque[float] = field(default_factory=deque)
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the four roles (see module docstring)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir())
+        self.children = {r: Child(r) for r in START_ORDER}
+        self._stop = False
+        self._all_ready_logged = False
+        self._notify: socket.socket | None = None
+
+    def _write_config(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "effective-config.json"
+        path.write_bytes(dump_json(self.cfg))
+        return path
+
+    def _open_notify(self) -> str:
+        path = self.run_dir / "notify.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        s.bind(str(path))
+        s.setblocking(False)
+        self._notify = s
+        return str(path)
+
+    def _spawn(self, child: Child, config_path: Path, notify_path: str) -> None:
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "duplexd.runtime.cli", "run", child.role, "--config", str(config_path)]
+        # Own process group: a terminal's Ctrl-C reaches only us, and we stop the roles in order.
+        child.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, process_group=0)  # noqa: PLW1509
+        child.ready = False
+        log(_log, logging.INFO, "started role", child=child.role, child_pid=child.proc.pid)
+
+    def _read_notices(self) -> None:
+        assert self._notify is not None
+        while True:
+            try:
+                data, anc, _, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(12))
+            except BlockingIOError:
+                return
+            pid = None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[:12])[0]
+            if b"READY=1" not in data.split(b"\n"):
+                continue
+            for c in self.children.values():
+                if c.proc is not None and c.proc.pid == pid and not c.ready:
+                    c.ready = True
+                    log(_log, logging.INFO, "role ready", child=c.role, child_pid=pid)
+
+    def _all_ready(self) -> bool:
+        return all(c.ready for c in self.children.values())
+
+    def _on_exit(self, child: Child, config_path: Path, notify_path: str) -> bool:
+        """A child exited on its own: restart it, or give up (returns False)."""
+        assert child.proc is not None
+        code = child.proc.returncode
+        now = time.monotonic()
+        window = self.cfg.supervisor.restart_window_s
+        while child.restarts and now - child.restarts[0] > window:
+            child.restarts.popleft()
+        if len(child.restarts) >= self.cfg.supervisor.restart_max:
+            log(
+                _log,
+                logging.CRITICAL,
+                "role keeps dying; giving up",
+                child=child.role,
+                exit_code=code,
+                restarts=len(child.restarts),
+                window_s=window,
+            )
+            return False
+        child.restarts.append(now)
+        ROLE_RESTARTS.labels(role=child.role).inc()
+        log(_log, logging.ERROR, "role died; restarting", child=child.role, exit_code=code, restart=len(child.restarts))
+        self._spawn(child, config_path, notify_path)
+        return True
+
+    def run(self) -> int:
+        config_path = self._write_config()
+        notify_path = self._open_notify()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        for role in START_ORDER:
+            self._spawn(self.children[role], config_path, notify_path)
+        started = time.monotonic()
+        code = 0
+        try:
+            while not self._stop:
+                self._read_notices()
+                if not self._all_ready_logged and self._all_ready():
+                    self._all_ready_logged = True
+                    s = self.cfg.server
+                    log(
+                        _log,
+                        logging.INFO,
+                        f"duplexd ready on http://{s.host}:{s.port}",
+                        pids={r: c.proc.pid for r, c in self.children.items() if c.proc},
+                    )
+                    sdnotify.ready("all roles ready")
+                if not self._all_ready_logged and time.monotonic() - started > self.cfg.supervisor.start_timeout_s:
+                    log(
+                        _log,
+                        logging.CRITICAL,
+                        "roles did not become ready in time",
+                        waiting=[r for r, c in self.children.items() if not c.ready],
+                    )
+                    code = 1
+                    break
+                for child in self.children.values():
+                    exited = child.proc is not None and child.proc.poll() is not None
+                    if exited and not self._stop and not self._on_exit(child, config_path, notify_path):
+                        code = 1
+                        self._stop = True
+                        break
+                time.sleep(0.05)
+        finally:
+            self._shutdown()
+        return code
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stop = True
+
+    def _shutdown(self) -> None:
+        sdnotify.stopping()
+        log(_log, logging.INFO, "stopping roles")
+        budget = self.cfg.supervisor.stop_timeout_s
+        for role in STOP_ORDER:
+            proc = self.children[role].proc
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=budget)
+            except subprocess.TimeoutExpired:
+                log(_log, logging.ERROR, "role did not stop; killing it", child=role, child_pid=proc.pid)
+                proc.kill()
+                proc.wait()
+        if self._notify is not None:
+            self._notify.close()
+        log(_log, logging.INFO, "stopped")
