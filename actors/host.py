@@ -66,6 +66,16 @@ from duplexd.bus.sockets import CONTROL, DATA, AsyncWaiter, Backpressure, Channe
 _log = get_logger(__name__)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 @dataclass(slots=True)
 class Peer:
     identity: bytes
@@ -125,6 +135,7 @@ class SessionHost:
         self._bad_seen = 0
         self._last_metrics = 0.0
         self._status_dirty = True
+        self._hostname = socket.gethostname()
 
     # ------------------------------------------------------------------ time
     def now(self) -> float:
@@ -525,6 +536,11 @@ class SessionHost:
             self._hb_seq += 1
             now = self.now()
             for p in list(self.peers.values()):
+                if p.hostname == self._hostname and not _pid_alive(p.pid):
+                    # Same machine: a dead process is known at once, no need to wait for heartbeats.
+                    log(_log, logging.ERROR, "peer process exited", peer=p.name, peer_role=p.role.value)
+                    self._peer_gone(p, "process exited")
+                    continue
                 if not p.ready:
                     continue
                 if now - p.last_seen > self.hb_timeout:
@@ -546,7 +562,7 @@ class SessionHost:
                 self._broadcast_status()
 
     def role_statuses(self) -> tuple[RoleStatus, ...]:
-        out = [RoleStatus(Role.HOST, "host", os.getpid(), "ready", host=socket.gethostname())]
+        out = [RoleStatus(Role.HOST, "host", os.getpid(), "ready", host=self._hostname)]
         out += [
             RoleStatus(p.role, p.name, p.pid, "ready" if p.ready else "starting", host=p.hostname)
             for p in self.peers.values()

@@ -109,7 +109,9 @@ class Stage0Worker(StageWorker):
         live = list(chunks)
         results: dict[int, ThinkerOutput | None] = {}
         while live:
-            batch = [ThinkerInput(c.session_id, c.chunk_seq, c.kind, c.pcm, c.force_listen) for c in live]
+            batch = [
+                ThinkerInput(c.session_id, c.chunk_seq, c.kind, c.pcm, c.force_listen, c.response_id) for c in live
+            ]
             try:
                 outs = self.thinker.step(batch)
                 if len(outs) != len(batch):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import soxr
+
 from duplexd.actors.engines.base import EngineError, Talker, TalkerChunk, TalkerInput
 from duplexd.actors.worker import StageWorker, WorkerOptions
 from duplexd.bus.addresses import BusAddresses

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
 from duplexd.adapters.audio import AudioFormat, AudioFormatError, InputResampler, decode
 from duplexd.adapters.link import SessionLink, SessionUnavailable
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import ErrorEvent, ResponseCreated, ResponseDone, SessionClosed, SessionConfig
 from duplexd.bus.metrics import CLIENT_ERRORS, CONNECTIONS
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 
 if TYPE_CHECKING:
     from duplexd.adapters.server import AdapterServer

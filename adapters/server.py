@@ -22,14 +22,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
+from prometheus_client import CollectorRegistry
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
 from duplexd.adapters.http import WEB_DIR, json_response, metrics_response, static_response
 from duplexd.adapters.link import HostLink
 from duplexd.adapters.protocol import ProtocolHandler
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import PROTOCOL_VERSION, Role, SessionConfig
-from duplexd.bus.metrics import REGISTRY, RemoteCollector
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.http11 import Request, Response
+from duplexd.bus.metrics import RemoteCollector, snapshot, tag
 
 _log = get_logger(__name__)
 
@@ -84,6 +86,8 @@ class AdapterServer:
         self.web_dir = Path(settings.web_dir) if settings.web_dir else WEB_DIR
         self.routes: dict[str, HandlerFactory] = {}
         self.remote_metrics = RemoteCollector()
+        self._metrics_registry = CollectorRegistry(auto_describe=False)
+        self._metrics_registry.register(self.remote_metrics)
         self.draining = False
         self._server: Server | None = None
         self._handlers: set[ProtocolHandler] = set()
@@ -146,9 +150,10 @@ class AdapterServer:
         if path == "/metrics":
             if not self.authorized(request):
                 return json_response(401, {"error": "invalid or missing API key"})
-            if self.link.status is not None:
-                self.remote_metrics.update(self.link.status.metrics)
-            return metrics_response(REGISTRY, self._remote_registry())
+            own = tag(snapshot(), Role.ADAPTER.value, self.link.identity)
+            remote = self.link.status.metrics if self.link.status is not None else ()
+            self.remote_metrics.update((*own, *remote))
+            return metrics_response(self._metrics_registry)
         if path in self.routes:
             if request.headers.get("Upgrade", "").lower() != "websocket":
                 return json_response(426, {"error": f"{path} is a websocket endpoint"})
@@ -170,13 +175,6 @@ class AdapterServer:
         if static is not None:
             return static
         return json_response(404, {"error": f"no route {path}"})
-
-    def _remote_registry(self) -> Any:
-        from prometheus_client import CollectorRegistry
-
-        reg = CollectorRegistry(auto_describe=False)
-        reg.register(self.remote_metrics)
-        return reg
 
     @staticmethod
     def select_subprotocol(conn: ServerConnection, offered: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+
 from duplexd.bus.messages import ControlMessage, DataMessage, Message
 
 EXT_INLINE = 1
@@ -38,6 +39,7 @@ class Encoder:
     def __init__(self, inline_threshold: int = DEFAULT_INLINE_THRESHOLD) -> None:
         self._inline_threshold = inline_threshold
         self._aux: list[Buffer] = []
+        self._meta: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (dtype, shape) → packed header
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
 
     def encode(self, msg: Message) -> list[Buffer]:
@@ -54,9 +56,15 @@ class Encoder:
         if obj.dtype.str not in _ALLOWED_DTYPES:
             raise TypeError(f"dtype {obj.dtype} may not cross the bus")
         arr = np.ascontiguousarray(obj)
-        meta = msgspec.msgpack.encode((arr.dtype.str, arr.shape))
         if arr.nbytes <= self._inline_threshold:
-            return msgspec.msgpack.Ext(EXT_INLINE, bytes((len(meta),)) + meta + arr.tobytes())
+            key = (arr.dtype.str, arr.shape)
+            head = self._meta.get(key)
+            if head is None:
+                meta = msgspec.msgpack.encode(key)
+                head = bytes((len(meta),)) + meta
+                if len(self._meta) < 256:  # audio comes in few shapes; bound it anyway
+                    self._meta[key] = head
+            return msgspec.msgpack.Ext(EXT_INLINE, head + arr.tobytes())
         self._aux.append(arr.data if arr.ndim else arr.tobytes())
         index = len(self._aux) - 1
         return msgspec.msgpack.Ext(EXT_FRAME, msgspec.msgpack.encode((arr.dtype.str, arr.shape, index)))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from duplexd.bus.messages import MetricSample
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from duplexd.bus.messages import MetricSample
+
+disable_created_metrics()  # *_created gauges double the exposition and nobody graphs them
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -86,7 +88,7 @@ def tag(samples: Iterable[MetricSample], role: str, identity: str) -> list[Metri
 
 
 class RemoteCollector(Collector):
-    """Renders the latest tagged samples received from other processes."""
+    """Renders tagged samples of several processes as one exposition (one family each)."""
 
     def __init__(self) -> None:
         self._samples: tuple[MetricSample, ...] = ()

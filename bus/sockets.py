@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.codec import CodecError, Encoder, control_decoder, data_decoder
 from duplexd.bus.messages import (
@@ -76,6 +77,9 @@ class Channel:
         self._enc = Encoder()
         self._dec = {CONTROL: control_decoder(), DATA: data_decoder()}
         self.bad_frames = BusErrorCounter()
+        self._poller = zmq.Poller()
+        self._poller.register(ctl, zmq.POLLIN)
+        self._poller.register(data, zmq.POLLIN)
 
     # ------------------------------------------------------------------ send
     def encode(self, msg: Message) -> list[Any]:
@@ -87,10 +91,11 @@ class Channel:
     def send_frames(self, plane: Plane, frames: Sequence[Any], identity: bytes | None = None) -> None:
         sock = self.ctl if plane == CONTROL else self.data
         parts = [identity, *frames] if self._routed else list(frames)
+        # Zero-copy only pays for large buffers (pyzmq then keeps them referenced until libzmq
+        # is done with them); a small message is cheaper to copy.
+        large = len(frames) > 1  # the codec only makes aux frames for large arrays
         try:
-            # copy=False: pyzmq keeps the buffers referenced until libzmq is done with them;
-            # frames under its copy threshold are copied anyway, which is cheaper for small ones.
-            sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=not large)
         except zmq.Again as exc:
             raise Backpressure(f"{plane} queue to {identity!r} is full") from exc
         except zmq.ZMQError as exc:
@@ -135,10 +140,7 @@ class Channel:
 
     def poll(self, timeout_ms: int) -> tuple[bool, bool]:
         """Block up to ``timeout_ms`` until either plane is readable (sync workers)."""
-        poller = zmq.Poller()
-        poller.register(self.ctl, zmq.POLLIN)
-        poller.register(self.data, zmq.POLLIN)
-        ready = dict(poller.poll(timeout_ms))
+        ready = dict(self._poller.poll(timeout_ms))
         return self.ctl in ready, self.data in ready
 
     def close(self, linger_ms: int = 200) -> None:
@@ -163,6 +165,9 @@ def bind_host(addrs: BusAddresses, ctx: zmq.Context | None = None) -> Channel:
     data = _socket(ctx, zmq.ROUTER, addrs.data_hwm)
     for s, addr in ((ctl, addrs.control), (data, addrs.data)):
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A peer that reconnects (host restart, re-handshake) reuses its identity: let the new
+        # connection take over instead of being silently dropped as a duplicate.
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)
         s.bind(addr)
     return Channel(ctx, ctl, data, routed=True)
 

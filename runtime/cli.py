@@ -11,6 +11,7 @@ import argparse
 import sys
 
 import msgspec
+
 from duplexd.bus.messages import PROTOCOL_VERSION
 from duplexd.runtime import logging as runtime_logging
 from duplexd.runtime.config import ConfigError, load, with_overrides

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+
 from duplexd.actors.engines.registry import EngineOptions, engine_names
 from duplexd.adapters.server import ServerSettings, check_bind
 from duplexd.bus.addresses import BusAddresses, default_run_dir, ipc_addresses

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import uvloop
+
 from duplexd.actors.engines.registry import build_talker, build_thinker
 from duplexd.actors.host import SessionHost
 from duplexd.actors.session import HostSettings

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import websockets
+
 from duplexd.actors.engines.scripted import decode_chunk
 from duplexd.adapters.native import AUDIO_IN, AUDIO_IN_FORCE, unpack_audio_out
 

@@ -14,6 +14,7 @@ import abc
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, HistoryEntry, SessionConfig
 
 
@@ -26,6 +27,7 @@ class ThinkerInput:
     kind: ChunkKind
     pcm: np.ndarray  # float32 mono at ThinkerInfo.input_rate
     force_listen: bool = False
+    response_id: str = ""  # CONTINUATION: the response the unit belongs to
 
 
 @dataclass(slots=True)

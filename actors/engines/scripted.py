@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
+
 from duplexd.actors.engines.base import (
     Talker,
     TalkerChunk,

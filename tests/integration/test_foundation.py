@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from duplexd.actors.engines.scripted import response_tag
 
+from duplexd.actors.engines.scripted import response_tag
 from tests.harness import NativeClient, ServerProcess, tone
 
 pytestmark = pytest.mark.timeout(60)

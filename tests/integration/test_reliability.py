@@ -1,0 +1,211 @@
+"""Failure handling over real processes: dying and hung roles, restarts, drain, bad peers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import urllib.request
+
+import msgspec
+import pytest
+import zmq
+
+from duplexd.bus.messages import PROTOCOL_VERSION, Hello, Refused, Role
+from tests.harness import NativeClient, ServerProcess, tone
+
+pytestmark = pytest.mark.timeout(90)
+
+FAST_FAILURE = {
+    "bus": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.5},
+    "engines.scripted": {"reply_ms": 3000},
+    "stage1": {"max_lead_ms": 300},
+    "supervisor": {"restart_max": 3, "restart_window_s": 5.0},
+}
+
+
+async def _manual(server: ServerProcess) -> NativeClient:
+    c = await NativeClient.connect(server)
+    await c.send({"type": "session.update", "session": {"turn_mode": "manual"}})
+    await c.wait_for("session.updated")
+    return c
+
+
+async def _start_turn(c: NativeClient) -> str:
+    start = len(c.events)
+    await c.stream(tone(300))
+    await c.send({"type": "input_audio_buffer.commit"})
+    await c.send({"type": "response.create"})
+    created = await c.wait_for("response.created", start=start)
+    return created["response"]["id"]
+
+
+async def _full_turn(c: NativeClient) -> dict:
+    start = len(c.events)
+    await _start_turn(c)
+    return await c.wait_for("response.done", start=start, within_s=20)
+
+
+def _wait_new_pid(server: ServerProcess, role: str, old: int, timeout_s: float = 30) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code, body = server.health()
+        pids = [r["pid"] for r in body.get("roles", []) if r["role"] == role]
+        if code == 200 and len(pids) == 1 and pids[0] != old:
+            return pids[0]
+        time.sleep(0.1)
+    raise TimeoutError(f"{role} was not restarted: {server.health()}")
+
+
+@pytest.mark.parametrize("role", ["stage1", "stage0"])
+async def test_stage_killed_mid_response_fails_it_and_the_session_recovers(role: str) -> None:
+    with ServerProcess(sections=FAST_FAILURE) as server:
+        c = await _manual(server)
+        rid = await _start_turn(c)
+        await c.wait_for(lambda e: e["type"] == "audio" and e["response_id"] == rid)
+        pid = server.role_pid(role)
+        os.kill(pid, signal.SIGKILL)
+        err = await c.wait_for("error", within_s=10)
+        assert err["error"]["code"] == "stage_unavailable"
+        assert err["error"]["response_id"] == rid
+        done = await c.wait_for("response.done")
+        assert done["response"]["id"] == rid and done["response"]["status"] == "failed"
+        _wait_new_pid(server, role, pid)
+        # Same websocket, same session: the next turn completes on the restarted stage.
+        done2 = await _full_turn(c)
+        assert done2["response"]["status"] == "completed"
+        assert len([e for e in c.events if e["type"] == "response.done"]) == 2
+        await c.close()
+
+
+async def test_hung_stage_is_declared_dead_then_rejoins() -> None:
+    with ServerProcess(sections=FAST_FAILURE) as server:
+        c = await _manual(server)
+        pid = server.role_pid("stage0")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            rid = None
+            start = len(c.events)
+            await c.stream(tone(300))
+            await c.send({"type": "input_audio_buffer.commit"})
+            await c.send({"type": "response.create"})
+            created = await c.wait_for("response.created", start=start)
+            rid = created["response"]["id"]
+            err = await c.wait_for("error", start=start, within_s=10)  # heartbeat timeout, not a crash
+            assert err["error"]["code"] == "stage_unavailable" and err["error"]["response_id"] == rid
+            code, _ = server.health()
+            assert code == 503
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # The same process resumes, learns the host forgot it, says hello again.
+        deadline = time.monotonic() + 15
+        while server.health()[0] != 200:
+            assert time.monotonic() < deadline, server.health()
+            await asyncio.sleep(0.1)
+        assert server.role_pid("stage0") == pid
+        done = await _full_turn(c)
+        assert done["response"]["status"] == "completed"
+        await c.close()
+
+
+async def test_host_restart_ends_sessions_cleanly_and_new_sessions_work() -> None:
+    with ServerProcess(sections=FAST_FAILURE) as server:
+        c = await _manual(server)
+        pid = server.role_pid("host")
+        os.kill(pid, signal.SIGKILL)
+        err = await c.wait_for("error", within_s=10)
+        assert err["error"]["code"] == "server_unavailable"
+        await c.wait_for("_closed")
+        _wait_new_pid(server, "host", pid)
+        c2 = await _manual(server)
+        done = await _full_turn(c2)
+        assert done["response"]["status"] == "completed"
+        await c2.close()
+
+
+def test_supervisor_gives_up_when_a_role_keeps_dying() -> None:
+    sections = {**FAST_FAILURE, "supervisor": {"restart_max": 2, "restart_window_s": 60.0}}
+    server = ServerProcess(sections=sections).start()
+    try:
+        for _ in range(3):
+            pid = server.role_pid("stage1")
+            os.kill(pid, signal.SIGKILL)
+            if _ < 2:
+                _wait_new_pid(server, "stage1", pid)
+        assert server.proc is not None
+        assert server.proc.wait(timeout=30) == 1
+        assert "role keeps dying; giving up" in server.logs()
+    finally:
+        server.stop()
+
+
+async def test_sigterm_drains_active_response_then_exits_zero() -> None:
+    server = ServerProcess(sections=FAST_FAILURE).start()
+    try:
+        c = await _manual(server)
+        rid = await _start_turn(c)
+        await c.wait_for(lambda e: e["type"] == "audio" and e["response_id"] == rid)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        done = await c.wait_for("response.done", within_s=15)
+        assert done["response"]["status"] == "completed"  # drained, not cut off
+        await c.wait_for("_closed", within_s=15)
+        assert c.ws.close_code == 1001
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0
+    finally:
+        server.stop()
+
+
+def test_peer_with_another_protocol_version_is_refused_and_garbage_is_survived(
+    scripted_server: ServerProcess,
+) -> None:
+    ctl_addr = f"ipc://{_run_dir(scripted_server)}/control.sock"
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, b"stranger")
+    s.connect(ctl_addr)
+    try:
+        s.send(b"\xc1\xc1 not a message")  # garbage first: the host must shrug it off
+        s.send(msgspec.msgpack.encode(Hello(Role.STAGE0, "stranger", 1, PROTOCOL_VERSION + 98)))
+        assert s.poll(5000)
+        reply = msgspec.msgpack.decode(s.recv(), type=Refused)
+        assert "protocol version" in reply.reason
+    finally:
+        s.close(0)
+        ctx.term()
+    code, body = scripted_server.health()
+    assert code == 200 and len(body["roles"]) == 4  # the stranger was not admitted
+    metrics = _metrics(scripted_server)
+    assert 'duplexd_bus_bad_frames_total{identity="host",role="host"}' in metrics
+
+
+async def test_metrics_cover_every_role(scripted_server: ServerProcess) -> None:
+    c = await _manual(scripted_server)
+    assert (await _full_turn(c))["response"]["status"] == "completed"
+    await c.close()
+    deadline = time.monotonic() + 10
+    while True:
+        text = await asyncio.to_thread(_metrics, scripted_server)
+        roles = {r for r in ("adapter", "host", "stage0", "stage1") if f'role="{r}"' in text}
+        # Stages ship their metrics every couple of seconds: wait for the turn's steps to show.
+        if len(roles) == 4 and 'duplexd_stage_step_seconds_count{identity="stage1' in text:
+            break
+        assert time.monotonic() < deadline, text[-2000:]
+        await asyncio.sleep(0.3)
+    assert "# TYPE duplexd_stage_step_seconds histogram" in text
+    assert 'duplexd_responses_total{identity="host",role="host",status="completed"}' in text
+    assert 'duplexd_sessions{identity="host",role="host"}' in text
+    # One exposition: every family's metadata appears once (Prometheus rejects duplicates).
+    help_lines = [line for line in text.splitlines() if line.startswith("# HELP")]
+    assert len(help_lines) == len(set(help_lines))
+
+
+def _metrics(server: ServerProcess) -> str:
+    with urllib.request.urlopen(f"http://{server.base}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _run_dir(server: ServerProcess) -> str:
+    assert server.tmp is not None
+    return f"{server.tmp.name}/run"
