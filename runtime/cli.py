@@ -14,7 +14,7 @@ import msgspec
 
 from duplexd.bus.messages import PROTOCOL_VERSION
 from duplexd.runtime import logging as runtime_logging
-from duplexd.runtime.config import ConfigError, load, with_overrides
+from duplexd.runtime.config import ConfigError, full_builtins, load, with_overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fmt = cfg.logging.format
     if args.command == "check-config":
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(cfg).decode(), indent=2) + "\n")
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(full_builtins(cfg)).decode(), indent=2) + "\n")
         return 0
     if args.command == "serve":
         from duplexd.runtime.supervisor import Supervisor

@@ -145,3 +145,14 @@ def with_overrides(
 
 def dump_json(cfg: Config) -> bytes:
     return msgspec.json.encode(cfg)
+
+
+def full_builtins(obj: object) -> object:
+    """``obj`` as plain data with every field, defaults included (wire structs omit them)."""
+    if isinstance(obj, msgspec.Struct):
+        return {f: full_builtins(getattr(obj, f)) for f in obj.__struct_fields__}
+    if isinstance(obj, list | tuple):
+        return [full_builtins(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: full_builtins(v) for k, v in obj.items()}
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,53 @@
+"""The shipped systemd units pass ``systemd-analyze verify`` and run our roles."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO
+
+UNITS = REPO / "configs" / "systemd"
+ROLES = ("host", "stage0", "stage1", "adapter")
+
+
+def _unit(role: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read(UNITS / f"duplexd-{role}.service")
+    return cp
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_unit_runs_the_role_with_notify_readiness(role: str) -> None:
+    u = _unit(role)
+    assert u["Service"]["Type"] == "notify"
+    assert u["Service"]["ExecStart"].split()[1:3] == ["run", role]
+    assert u["Unit"]["StartLimitBurst"] == "3" and u["Unit"]["StartLimitIntervalSec"] == "5"
+
+
+def test_adapter_stops_first() -> None:
+    # systemd stops units in reverse After= order: the adapter (After= everything) drains first.
+    after = _unit("adapter")["Unit"]["After"].split()
+    assert {"duplexd-host.service", "duplexd-stage0.service", "duplexd-stage1.service"} <= set(after)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_units_verify(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "duplexd"
+    for src in UNITS.iterdir():
+        text = src.read_text().replace("/opt/duplexd/.venv/bin/duplexd", str(exe))
+        (tmp_path / src.name).write_text(text)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0 and out.stderr.strip() == "" and out.stdout.strip() == "", out.stderr
