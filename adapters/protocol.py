@@ -26,6 +26,7 @@ from duplexd.adapters.link import SessionLink, SessionUnavailable
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import ErrorEvent, ResponseCreated, ResponseDone, SessionClosed, SessionConfig
 from duplexd.bus.metrics import CLIENT_ERRORS, CONNECTIONS
+from duplexd.bus.sockets import Backpressure
 
 if TYPE_CHECKING:
     from duplexd.adapters.server import AdapterServer
@@ -145,6 +146,10 @@ class ProtocolHandler(abc.ABC):
             await self.send_error(exc.code, str(exc), "invalid_request_error", "audio", event_id)
         except SessionUnavailable as exc:
             await self.send_error("session_unavailable", str(exc), "server_error", "", event_id)
+        except Backpressure:
+            # The bus queue toward the host is full: say so instead of buffering without bound.
+            await self.send_error("overloaded", "the server is overloaded; this event was dropped, retry later",
+                                  "server_error", "", event_id)
         except ConnectionClosed:
             raise
         except Exception as exc:  # a bug of ours: report it, keep the connection
