@@ -129,7 +129,8 @@ class ProtocolHandler(abc.ABC):
                 await self.on_binary(frame)
                 return
             try:
-                event = json.loads(frame)
+                # A multi-megabyte frame would stall every connection while it parses.
+                event = json.loads(frame) if len(frame) < 1 << 20 else await asyncio.to_thread(json.loads, frame)
             except json.JSONDecodeError as exc:
                 raise ClientError("invalid_json", f"could not parse JSON: {exc.msg} at position {exc.pos}") from exc
             if not isinstance(event, dict):

@@ -91,7 +91,11 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     @property

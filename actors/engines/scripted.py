@@ -66,11 +66,10 @@ def _rms(pcm: np.ndarray) -> float:
 @dataclass(slots=True)
 class _ThinkState:
     config: SessionConfig
-    chunks: int = 0
     speech: int = 0
     speech_ms: int = 0
     replies: int = 0
-    spoke_this_turn: bool = False
+    spoke_for: str = ""  # the response it already answered (one reply per response)
     speaking_left: int = 0  # duplex: chunks its last reply still plays for
     overlap: int = 0
 
@@ -114,10 +113,8 @@ class ScriptedThinker(Thinker):
         return ThinkerOutput(Action.SPEAK, text=text, end_of_turn=True, listen_prob=0.1)
 
     def _decide(self, st: _ThinkState, x: ThinkerInput) -> ThinkerOutput:
-        st.chunks += 1
         speech = _rms(x.pcm) >= self.opts.speech_rms
         if x.kind in (ChunkKind.UTTERANCE, ChunkKind.UTTERANCE_END):
-            st.spoke_this_turn = False
             if speech:
                 st.speech += 1
                 st.speech_ms += self.opts.chunk_ms
@@ -127,12 +124,12 @@ class ScriptedThinker(Thinker):
                 return ThinkerOutput(Action.LISTEN, input_transcript=transcript)
             return ThinkerOutput(Action.LISTEN, listen_prob=1.0)
         if x.kind == ChunkKind.CONTINUATION:
-            if st.spoke_this_turn or x.force_listen:
+            if st.spoke_for == x.response_id or x.force_listen:
                 return ThinkerOutput(Action.LISTEN)
-            st.spoke_this_turn = True
+            st.spoke_for = x.response_id
             return self._reply(st)
-        # LIVE: duplex, the model decides every chunk.
-        if st.chunks <= st.config.force_listen_count or x.force_listen:
+        # LIVE: duplex, the model decides every chunk (the host forces the first N to listen).
+        if x.force_listen:
             return ThinkerOutput(Action.LISTEN)
         if st.speaking_left > 0:
             st.speaking_left -= 1
