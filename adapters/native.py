@@ -10,16 +10,23 @@ Binary frames carry audio both ways. Client → server: byte 0 is the kind (0x01
 Server → client: byte 0 = 0x81, bytes 1-2 = big-endian header length N, then N bytes
 of JSON header ``{response_id, item_id, epoch, seq, start_ms, end_of_turn, text}``, then
 pcm16 LE at 24 kHz.
+
+Session settings use the protocol-neutral :class:`SessionConfig` names (``turn_mode``,
+``vad``, ``overlap``, ``commit_policy``, ``force_listen_count``...) and accept the
+Realtime spellings too (``turn_detection``, ``modalities``, ``input_audio_format`` as a
+string), so a Realtime client's ``session.update`` works here unchanged.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 import uuid
 from typing import Any
 
 import msgspec
+
 from duplexd.adapters.audio import SUPPORTED_RATES, AudioFormat, b64decode, b64encode, encode
 from duplexd.adapters.protocol import ClientError, ProtocolHandler, merge_config
 from duplexd.bus.messages import (
@@ -43,12 +50,14 @@ from duplexd.bus.messages import (
     ResponseDone,
     ResponseOptions,
     SessionClosed,
+    SessionConfig,
     SessionOpened,
     SessionUpdated,
     Snapshot,
     SpeechStarted,
     SpeechStopped,
     TextOut,
+    TurnMode,
 )
 
 AUDIO_IN = 0x01
@@ -69,8 +78,129 @@ def unpack_audio_out(frame: bytes) -> tuple[dict[str, Any], bytes]:
     return json.loads(frame[3 : 3 + n]), frame[3 + n :]
 
 
-def _builtins(obj: Any) -> Any:
-    return msgspec.to_builtins(obj)
+def full(obj: Any) -> Any:
+    """JSON-ready builtins of a bus struct *with* its default values.
+
+    Wire structs are ``omit_defaults`` (compact on the bus); a client must see every
+    field (an epoch of 0, an empty cursor, an item's status) without knowing defaults.
+    """
+    if isinstance(obj, msgspec.Struct):
+        return {f: full(getattr(obj, f)) for f in obj.__struct_fields__}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, tuple | list):
+        return [full(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: full(v) for k, v in obj.items()}
+    return obj
+
+
+# Realtime ``input_audio_format`` strings (beta and GA spellings) → our format.
+_FORMAT_NAMES = {
+    "pcm16": AudioFormat("pcm16", 24000),
+    "audio/pcm": AudioFormat("pcm16", 24000),
+    "g711_ulaw": AudioFormat("pcmu", 8000),
+    "audio/pcmu": AudioFormat("pcmu", 8000),
+    "pcmu": AudioFormat("pcmu", 8000),
+    "g711_alaw": AudioFormat("pcma", 8000),
+    "audio/pcma": AudioFormat("pcma", 8000),
+    "pcma": AudioFormat("pcma", 8000),
+    "float32": AudioFormat("float32", 24000),
+}
+_VAD_KEYS = (
+    "threshold",
+    "prefix_padding_ms",
+    "silence_duration_ms",
+    "create_response",
+    "interrupt_response",
+    "idle_timeout_ms",
+)
+_DUPLEX_KEYS = ("force_listen_count", "listen_prob_scale")
+# Realtime session fields with no meaning here (transcripts are always on, no tools):
+# accepted and ignored, so a Realtime client's session.update needs no change.
+_REALTIME_ONLY = (
+    "model",
+    "input_audio_transcription",
+    "input_audio_noise_reduction",
+    "tools",
+    "tool_choice",
+    "include",
+    "tracing",
+    "truncation",
+    "prompt",
+)
+
+
+def turn_detection_of(config: SessionConfig) -> dict[str, Any] | None:
+    """The Realtime-style ``turn_detection`` view of a session's turn mode."""
+    if config.turn_mode == TurnMode.MANUAL:
+        return None
+    if config.turn_mode == TurnMode.DUPLEX:
+        return {"type": "duplex", **{k: getattr(config, k) for k in _DUPLEX_KEYS}}
+    return {"type": "server_vad", **full(config.vad)}
+
+
+def translate_realtime(patch: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite Realtime spellings in a ``session.update`` into SessionConfig fields."""
+    patch = dict(patch)
+    audio = patch.pop("audio", None)
+    if audio is not None:  # GA nesting: audio.input.{format, turn_detection}, audio.output.voice
+        if not isinstance(audio, dict):
+            raise ClientError("invalid_type", "audio must be an object", param="audio")
+        inp, out = audio.get("input") or {}, audio.get("output") or {}
+        if not isinstance(inp, dict) or not isinstance(out, dict):
+            raise ClientError("invalid_type", "audio.input and audio.output must be objects", param="audio")
+        if "turn_detection" in inp:
+            patch.setdefault("turn_detection", inp["turn_detection"])
+        fmt = inp.get("format")
+        if isinstance(fmt, dict) and "type" in fmt:
+            named = _FORMAT_NAMES.get(fmt["type"])
+            if named is None:
+                raise ClientError(
+                    "invalid_value", f"unsupported audio format {fmt['type']!r}", param="audio.input.format.type"
+                )
+            patch.setdefault("input_audio_format", {"encoding": named.encoding, "rate": fmt.get("rate", named.rate)})
+        if "voice" in out:
+            patch.setdefault("voice", out["voice"])
+    if "modalities" in patch:
+        patch.setdefault("output_modalities", patch.pop("modalities"))
+    if "max_response_output_tokens" in patch:
+        patch.setdefault("max_output_tokens", patch.pop("max_response_output_tokens"))
+    if patch.get("max_output_tokens") == "inf":
+        patch["max_output_tokens"] = 0
+    for key in _REALTIME_ONLY:
+        patch.pop(key, None)
+    if "turn_detection" not in patch:
+        return patch
+    td = patch.pop("turn_detection")
+    if td is None:
+        patch["turn_mode"] = TurnMode.MANUAL.value
+        return patch
+    if not isinstance(td, dict):
+        raise ClientError("invalid_type", "turn_detection must be an object or null", param="turn_detection")
+    kind = td.get("type", "server_vad")
+    extra = sorted(set(td) - {"type", *_VAD_KEYS, *_DUPLEX_KEYS})
+    if extra:
+        raise ClientError(
+            "unknown_parameter", f"unknown turn_detection field {extra[0]!r}", param=f"turn_detection.{extra[0]}"
+        )
+    if kind == "server_vad":
+        patch["turn_mode"] = TurnMode.SERVER_VAD.value
+        vad = {k: td[k] for k in _VAD_KEYS if k in td}
+        if vad:
+            patch["vad"] = {**(patch.get("vad") or {}), **vad}
+    elif kind == "duplex":
+        patch["turn_mode"] = TurnMode.DUPLEX.value
+        for k in _DUPLEX_KEYS:
+            if k in td:
+                patch[k] = td[k]
+    else:
+        raise ClientError(
+            "invalid_value",
+            f"turn_detection.type {kind!r} is not supported: use 'server_vad', 'duplex' or turn_detection null",
+            param="turn_detection.type",
+        )
+    return patch
 
 
 class NativeHandler(ProtocolHandler):
@@ -85,8 +215,9 @@ class NativeHandler(ProtocolHandler):
 
     # ------------------------------------------------------------------ session object
     def session_object(self) -> dict[str, Any]:
-        s = _builtins(self.config)
-        s["turn_mode"] = self.config.turn_mode.value
+        s = full(self.config)
+        s["object"] = "duplex.session"
+        s["turn_detection"] = turn_detection_of(self.config)
         s["input_audio_format"] = {"encoding": self.input_format.encoding, "rate": self.input_format.rate}
         s["output_audio_format"] = {"encoding": "pcm16", "rate": 24000}
         s["audio_transport"] = self.audio_transport
@@ -145,13 +276,16 @@ class NativeHandler(ProtocolHandler):
                 s.clear(eid)
             case "input.interrupt":
                 self.flush_audio()
-                s.cancel(event.get("response_id") or "", eid)
+                s.cancel(_opt_str(event, "response_id"), eid)
             case "response.create":
                 s.create_response(_response_options(event.get("response")), eid)
             case "response.cancel":
                 s.cancel(_opt_str(event, "response_id"), eid)
             case "playback.ack":
-                s.ack(_req_str(event, "response_id"), _req_str(event, "item_id"), _req_int(event, "played_ms"), eid)
+                played = _req_int(event, "played_ms")
+                if played < 0:
+                    raise ClientError("invalid_value", "played_ms must be >= 0", param="played_ms")
+                s.ack(_req_str(event, "response_id"), _req_str(event, "item_id"), played, eid)
             case "conversation.item.create":
                 item = _item_from(event.get("item"))
                 prev = event.get("previous_item_id")
@@ -173,8 +307,8 @@ class NativeHandler(ProtocolHandler):
     def _session_update(self, patch: Any, event_id: str) -> None:
         if not isinstance(patch, dict):
             raise ClientError("missing_required_parameter", "missing required parameter 'session'", param="session")
-        patch = dict(patch)
-        for key in ("id", "epoch", "output_audio_format"):
+        patch = translate_realtime(patch)
+        for key in ("id", "object", "epoch", "output_audio_format", "type"):
             patch.pop(key, None)
         fmt = patch.pop("input_audio_format", None)
         transport = patch.pop("audio_transport", None)
@@ -212,7 +346,7 @@ class NativeHandler(ProtocolHandler):
                 )
             case SessionOpened():
                 await self.send_json(
-                    {"type": "session.created", "session": self.session_object(), "engine": _builtins(msg.engine)}
+                    {"type": "session.created", "session": self.session_object(), "engine": full(msg.engine)}
                 )
             case SessionUpdated(event_id=eid):
                 await self.send_json(
@@ -257,7 +391,7 @@ class NativeHandler(ProtocolHandler):
                 await self.send_json(
                     {
                         "type": "conversation.item.added",
-                        "item": _builtins(msg.item),
+                        "item": full(msg.item),
                         "previous_item_id": msg.previous_item_id,
                     }
                 )
@@ -265,7 +399,7 @@ class NativeHandler(ProtocolHandler):
                 await self.send_json(
                     {
                         "type": "conversation.item.done",
-                        "item": _builtins(msg.item),
+                        "item": full(msg.item),
                         "previous_item_id": msg.previous_item_id,
                     }
                 )
@@ -282,8 +416,8 @@ class NativeHandler(ProtocolHandler):
                 await self.send_json(
                     {
                         "type": "response.created",
-                        "response": _builtins(msg.response),
-                        "item": _builtins(msg.item),
+                        "response": full(msg.response),
+                        "item": full(msg.item),
                         "epoch": msg.epoch,
                     }
                 )
@@ -301,7 +435,7 @@ class NativeHandler(ProtocolHandler):
                 await self.send_json(
                     {
                         "type": "response.done",
-                        "response": _builtins(msg.response),
+                        "response": full(msg.response),
                         "transcript": msg.transcript,
                         "epoch": msg.epoch,
                     }
@@ -318,7 +452,7 @@ class NativeHandler(ProtocolHandler):
             case ItemDeleted():
                 await self.send_json({"type": "conversation.item.deleted", "item_id": msg.item_id})
             case ItemRetrieved():
-                await self.send_json({"type": "conversation.item.retrieved", "item": _builtins(msg.item)})
+                await self.send_json({"type": "conversation.item.retrieved", "item": full(msg.item)})
             case PlaybackCommitted():
                 await self.send_json(
                     {
@@ -326,7 +460,7 @@ class NativeHandler(ProtocolHandler):
                         "response_id": msg.response_id,
                         "item_id": msg.item_id,
                         "played_ms": msg.played_ms,
-                        "history": _builtins(msg.history),
+                        "history": full(msg.history),
                         "client_event_id": msg.event_id or None,
                     }
                 )
@@ -334,7 +468,7 @@ class NativeHandler(ProtocolHandler):
                 await self.send_json(
                     {
                         "type": "session.snapshot",
-                        "snapshot": _builtins(msg.snapshot),
+                        "snapshot": full(msg.snapshot),
                         "client_event_id": msg.event_id or None,
                     }
                 )
@@ -390,9 +524,13 @@ def _req_int(event: dict[str, Any], key: str) -> int:
 
 
 def _audio_format(fmt: Any) -> AudioFormat:
+    if isinstance(fmt, str) and fmt in _FORMAT_NAMES:
+        return _FORMAT_NAMES[fmt]
     if not isinstance(fmt, dict):
         raise ClientError(
-            "invalid_value", "input_audio_format must be an object {encoding, rate}", param="input_audio_format"
+            "invalid_value",
+            f"input_audio_format must be an object {{encoding, rate}} or one of {sorted(_FORMAT_NAMES)}",
+            param="input_audio_format",
         )
     enc = fmt.get("encoding", "pcm16")
     rate = fmt.get("rate", 24000)

@@ -6,7 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
 from duplexd.actors.engines.base import Talker, Thinker
+from duplexd.actors.engines.cascade import CascadeOptions, CascadeTalker, CascadeThinker
 from duplexd.actors.engines.scripted import ScriptedOptions, ScriptedTalker, ScriptedThinker
 
 
@@ -14,6 +16,7 @@ class EngineOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``[engines]``: one typed section per engine."""
 
     scripted: ScriptedOptions = ScriptedOptions()
+    cascade: CascadeOptions = CascadeOptions()
 
 
 ThinkerFactory = Callable[[Any], Thinker]
@@ -21,6 +24,7 @@ TalkerFactory = Callable[[Any], Talker]
 
 _ENGINES: dict[str, tuple[str, ThinkerFactory, TalkerFactory]] = {
     "scripted": ("scripted", ScriptedThinker, ScriptedTalker),
+    "cascade": ("cascade", CascadeThinker, CascadeTalker),
 }
 
 

@@ -164,6 +164,7 @@ class _TalkTurn:
     seq: int = 0
     total: int = 0
     ended: bool = False  # saw end_of_turn
+    spoken: bool = False  # some chunk of this turn carried words
     flushed: bool = False  # emitted the end_of_turn chunk
 
 
@@ -205,7 +206,10 @@ class ScriptedTalker(Talker):
             t = (np.arange(samples) + seq * samples) / self.output_rate
             pcm = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
             pcm[:4] = np.array([MARKER, turn.tag, seq, 0], dtype=np.float32) / _SCALE
-            turn.queue.append(TalkerChunk(pcm, text=(" " + per[i]) if (i and per[i]) else per[i]))
+            # Chunks join into the transcript: a space only between words, never leading.
+            text = (" " + per[i]) if (per[i] and turn.spoken) else per[i]
+            turn.spoken = turn.spoken or bool(per[i])
+            turn.queue.append(TalkerChunk(pcm, text=text))
         turn.total += n
 
     def pending(self, session_id: str) -> bool:
