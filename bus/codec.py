@@ -39,7 +39,7 @@ class Encoder:
     def __init__(self, inline_threshold: int = DEFAULT_INLINE_THRESHOLD) -> None:
         self._inline_threshold = inline_threshold
         self._aux: list[Buffer] = []
-        self._meta: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (dtype, shape) → packed header
+        self._meta: dict[tuple[np.dtype, tuple[int, ...]], bytes] = {}  # (dtype, shape) → packed header
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
 
     def encode(self, msg: Message) -> list[Buffer]:
@@ -53,21 +53,27 @@ class Encoder:
     def _enc_hook(self, obj: Any) -> Any:
         if not isinstance(obj, np.ndarray):
             raise TypeError(f"cannot encode {type(obj).__name__} on the bus")
-        if obj.dtype.str not in _ALLOWED_DTYPES:
-            raise TypeError(f"dtype {obj.dtype} may not cross the bus")
         arr = np.ascontiguousarray(obj)
         if arr.nbytes <= self._inline_threshold:
-            key = (arr.dtype.str, arr.shape)
+            # Hot path (every audio chunk): the packed (dtype, shape) header is cached.
+            key = (arr.dtype, arr.shape)
             head = self._meta.get(key)
             if head is None:
-                meta = msgspec.msgpack.encode(key)
+                _check_dtype(arr.dtype)
+                meta = msgspec.msgpack.encode((arr.dtype.str, arr.shape))
                 head = bytes((len(meta),)) + meta
                 if len(self._meta) < 256:  # audio comes in few shapes; bound it anyway
                     self._meta[key] = head
             return msgspec.msgpack.Ext(EXT_INLINE, head + arr.tobytes())
+        _check_dtype(arr.dtype)
         self._aux.append(arr.data if arr.ndim else arr.tobytes())
         index = len(self._aux) - 1
         return msgspec.msgpack.Ext(EXT_FRAME, msgspec.msgpack.encode((arr.dtype.str, arr.shape, index)))
+
+
+def _check_dtype(dt: np.dtype) -> None:
+    if dt.str not in _ALLOWED_DTYPES:
+        raise TypeError(f"dtype {dt} may not cross the bus")
 
 
 class Decoder:
@@ -75,13 +81,14 @@ class Decoder:
 
     def __init__(self, plane_type: Any) -> None:
         self._frames: Sequence[Any] = ()
+        self._meta: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # packed header → parsed
         self._dec = msgspec.msgpack.Decoder(plane_type, ext_hook=self._ext_hook, dec_hook=self._dec_hook)
 
     def decode(self, frames: Sequence[Any]) -> Any:
         """Decode ``frames`` (bytes, memoryviews or zmq.Frame objects)."""
         if not frames:
             raise CodecError("empty message")
-        views = [_view(f) for f in frames]
+        views = frames if len(frames) == 1 and isinstance(frames[0], bytes) else [_view(f) for f in frames]
         self._frames = views
         try:
             return self._dec.decode(views[0])
@@ -97,8 +104,18 @@ class Decoder:
             if not data:
                 raise CodecError("truncated inline array")
             n = data[0]
-            dtype, shape = msgspec.msgpack.decode(data[1 : 1 + n])
-            return _array(data[1 + n :], dtype, shape)
+            head = bytes(data[: 1 + n])
+            meta = self._meta.get(head)
+            if meta is None:
+                dtype, shape = msgspec.msgpack.decode(data[1 : 1 + n])
+                meta = _parse_meta(dtype, shape)
+                if len(self._meta) < 256:
+                    self._meta[head] = meta
+            dt, shape, nbytes = meta
+            body = data[1 + n :]
+            if len(body) != nbytes:
+                raise CodecError(f"array of {shape} {dt} does not fit {len(body)} bytes")
+            return np.frombuffer(body, dtype=dt).reshape(shape)
         if code == EXT_FRAME:
             dtype, shape, index = msgspec.msgpack.decode(data)
             if not 0 < index < len(self._frames):
@@ -120,16 +137,23 @@ def _view(frame: Any) -> memoryview:
     return memoryview(frame)
 
 
-def _array(buf: memoryview, dtype: str, shape: Sequence[int]) -> np.ndarray:
-    if dtype not in _ALLOWED_DTYPES:
+def _parse_meta(dtype: Any, shape: Any) -> tuple[np.dtype, tuple[int, ...], int]:
+    if not isinstance(dtype, str) or dtype not in _ALLOWED_DTYPES:
         raise CodecError(f"dtype {dtype!r} not allowed")
+    if not isinstance(shape, list | tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise CodecError(f"bad array shape {shape!r}")
     dt = np.dtype(dtype)
     count = 1
     for s in shape:
-        count *= int(s)
-    if count * dt.itemsize != len(buf):
-        raise CodecError(f"array of {tuple(shape)} {dtype} does not fit {len(buf)} bytes")
-    return np.frombuffer(buf, dtype=dt).reshape(tuple(shape))
+        count *= s
+    return dt, tuple(shape), count * dt.itemsize
+
+
+def _array(buf: memoryview, dtype: str, shape: Sequence[int]) -> np.ndarray:
+    dt, shp, nbytes = _parse_meta(dtype, shape)
+    if nbytes != len(buf):
+        raise CodecError(f"array of {shp} {dt} does not fit {len(buf)} bytes")
+    return np.frombuffer(buf, dtype=dt).reshape(shp)
 
 
 def control_decoder() -> Decoder:

@@ -34,6 +34,7 @@ from duplexd.bus.messages import (
 CONTROL: Plane = "control"
 DATA: Plane = "data"
 CONTROL_HWM = 10_000
+_NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 
 
 class Backpressure(Exception):
@@ -90,12 +91,18 @@ class Channel:
 
     def send_frames(self, plane: Plane, frames: Sequence[Any], identity: bytes | None = None) -> None:
         sock = self.ctl if plane == CONTROL else self.data
-        parts = [identity, *frames] if self._routed else list(frames)
-        # Zero-copy only pays for large buffers (pyzmq then keeps them referenced until libzmq
-        # is done with them); a small message is cheaper to copy.
-        large = len(frames) > 1  # the codec only makes aux frames for large arrays
         try:
-            sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=not large)
+            if self._routed:
+                sock.send(identity, _NOBLOCK_MORE)  # type: ignore[arg-type]
+            if len(frames) == 1:
+                sock.send(frames[0], zmq.NOBLOCK)
+            else:
+                # Zero-copy only pays for large buffers (pyzmq keeps them referenced until libzmq
+                # is done with them); the codec makes extra frames only for large arrays.
+                sock.send(frames[0], _NOBLOCK_MORE)
+                last = len(frames) - 1
+                for i in range(1, len(frames)):
+                    sock.send(frames[i], zmq.NOBLOCK if i == last else _NOBLOCK_MORE, copy=False)
         except zmq.Again as exc:
             raise Backpressure(f"{plane} queue to {identity!r} is full") from exc
         except zmq.ZMQError as exc:
@@ -110,13 +117,17 @@ class Channel:
         sock = self.ctl if plane == CONTROL else self.data
         while True:
             try:
-                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                first = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return None
+            # The small header frame is copied (cheaper than a zmq.Frame); the raw array
+            # frames that follow stay zmq messages, viewed without a copy.
             identity = b""
             if self._routed:
-                identity = parts[0].bytes
-                parts = parts[1:]
+                identity, first = first, sock.recv()
+            parts: list[Any] = [first]
+            while sock.getsockopt(zmq.RCVMORE):
+                parts.append(sock.recv(copy=False))
             try:
                 msg = self._dec[plane].decode(parts)
             except CodecError as exc:

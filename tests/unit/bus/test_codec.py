@@ -126,8 +126,8 @@ def test_received_arrays_are_views_of_the_received_frames(pair: tuple[Channel, C
     arr = r.msg.pcm
     assert np.array_equal(arr, pcm)
     assert not arr.flags.owndata  # no copy was made on the receiving side
-    frame = r.frames[-1]  # the inline header frame, or the array's own frame
-    frame_bytes = np.frombuffer(frame.buffer, dtype=np.uint8)
+    frame = r.frames[-1]  # the header frame (bytes) holding an inline array, or the array's own frame
+    frame_bytes = np.frombuffer(getattr(frame, "buffer", frame), dtype=np.uint8)
     assert np.shares_memory(arr, frame_bytes)
     assert r.identity == b"peer-1"
 
