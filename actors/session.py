@@ -1,20 +1,23 @@
 """The session actor: single writer of one session's state.
 
 It is a plain object driven by one event loop (the session host). Every entry point
-takes the current time, mutates state, and appends what must be sent to
-``outbox``; the host does the I/O. No entry point raises for bad input or stage
-misbehaviour: both become error events, so the actor is safe to drive with any
-interleaving (tests/unit/actors drives it with hypothesis).
+takes the current time, mutates state, and appends what must be sent to ``outbox``;
+the host does the I/O. No entry point raises for bad input or stage misbehaviour: both
+become error events, so the actor is safe to drive with any interleaving
+(tests/unit/actors/test_session_properties.py drives it with hypothesis).
 
-Rules it keeps (DESIGN.md "Epochs", "Session actor"):
+Rules it keeps (DESIGN.md "Epochs", "Session actor"; docs/session-semantics.md):
 
-* ``epoch`` only grows; it advances on barge-in, cancel, output clear, stage failure
-  and close, and each advance is announced to adapter and stages on the control plane.
+* ``epoch`` only grows; it advances on barge-in, response cancel, stage failure of an
+  active response and close, and each advance is announced to adapter and stages on the
+  control plane. An input-buffer clear does not advance it (nothing downstream has seen
+  uncommitted input, and an advance would abort the assistant's audio).
 * At most one active response; exactly one ``ResponseDone`` per response.
-* Exactly one stage0 result per chunk sent (a stage error for the chunk counts as it).
-* Output of an older epoch is never forwarded.
-* History holds committed items only; under ``ack_only`` an assistant item holds
-  only what the client reported as played.
+* Exactly one stage0 result per chunk sent (a stage error for the chunk, or the loss of
+  the stage, counts as it); a second answer is a protocol error and is not applied.
+* Output of an older epoch, or of a response that has ended, is never forwarded.
+* History holds committed items only; under ``ack_only`` an assistant item holds only
+  what the client reported as played (ack or truncate), transcript cut to match.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from duplexd.actors.transcript import Segment, cut_text, full_text
 from duplexd.actors.vad import SpeechDetector, make_detector
 from duplexd.bus.messages import (
@@ -118,6 +122,13 @@ class HostSettings:
     output_rate: int = 24000
 
 
+# Server VAD keeps at most this much audio before a speech start (prefix padding + slack):
+# silence the detector has ruled out is not kept for 15 minutes.
+_VAD_KEEP_SLACK_MS = 1000
+_VAD_TRIM_AFTER_MS = 5000
+_AUDIO_PARTS = ("output_audio", "audio", "input_audio")
+
+
 @dataclass(slots=True)
 class _Response:
     id: str
@@ -127,6 +138,7 @@ class _Response:
     created_at: float
     previous_item_id: str | None
     in_history: bool
+    origin_seq: int | None  # the client command that created it (cancel fences)
     thinker_done: bool = False
     talker_done: bool = False
     incomplete_reason: str = ""
@@ -134,20 +146,34 @@ class _Response:
     words: int = 0
     text: list[str] = field(default_factory=list)  # text modality deltas
     segments: list[Segment] = field(default_factory=list)
+    generated_samples: int = 0
     generated_ms: int = 0
+    sent_ms: int = 0
     first_audio_at: float | None = None
+    play_end_at: float = 0.0  # when the client will have played what was sent (estimate)
     continuation_sent: int = 0
     next_unit_at: float = 0.0
     input_chunks: int = 0
+    truncated_ms: int | None = None  # conversation.item.truncate on the item in progress
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """A chunk sent to stage0 that has not been answered yet."""
+
+    kind: ChunkKind
+    epoch: int
+    item_id: str = ""
+    response_id: str = ""
+    force_listen: bool = False
 
 
 @dataclass(slots=True)
 class _Overlap:
-    """User speech heard while the assistant is audible (turn modes)."""
+    """User speech heard while the assistant is audible (server VAD)."""
 
     start_ms: float
     announced: bool = False  # speech_started sent (passed the short-ack threshold)
-    barged: bool = False
 
 
 @dataclass(slots=True)
@@ -156,20 +182,21 @@ class _Cursor:
 
     item_id: str = ""
     generated_ms: int = 0
+    sent_ms: int = 0
     played_ms: int = 0
     committed_ms: int = 0
 
     def view(self) -> PlaybackCursor:
-        # The host forwards audio as it is generated: sent == generated at this hop.
-        return PlaybackCursor(self.generated_ms, self.generated_ms, self.played_ms, self.committed_ms)
+        return PlaybackCursor(self.generated_ms, self.sent_ms, self.played_ms, self.committed_ms)
 
 
 @dataclass(slots=True)
 class _CancelFence:
+    """A client cancel that overtook data commands up to ``after_seq`` on the bus."""
+
     after_seq: int
-    response_id: str
     event_id: str
-    applied: bool = False
+    applied: bool = False  # it cancelled something (else: an error once resolved)
 
 
 IdFactory = Callable[[str], str]
@@ -205,15 +232,17 @@ class SessionActor:
         self._buffer_samples = 0
         self._buffer_start_ms = 0.0
         self._live = np.zeros(0, dtype=np.float32)  # duplex: partial chunk
+        self._live_chunks = 0  # duplex chunks sent (force_listen_count)
         self._detector = detector
         self._speech_item: str | None = None
         self._speech_start_ms = 0.0
         self._overlap: _Overlap | None = None
         self._last_speech_at = 0.0
         self._idle_fired = False
-        # stage0 accounting: chunk_seq -> (kind, item id it belongs to)
+        self._awaiting_reply = False  # a user turn was committed and not answered yet
+        # stage0 accounting
         self._chunk_seq = 0
-        self._outstanding: dict[int, tuple[ChunkKind, str]] = {}
+        self._outstanding: dict[int, _Chunk] = {}
         self.chunks_sent = 0
         self.chunk_results = 0
         self.chunks_lost = 0  # sent to a stage0 that died before answering
@@ -223,17 +252,22 @@ class SessionActor:
         self.response: _Response | None = None
         self._pending_response = False  # a response is owed once the active one ends
         self._deferred_speaks: list[Stage0Result] = []
-        self.responses = 0
         self.history: list[Item] = []
         self._alignments: dict[str, list[Segment]] = {}
         self._generated: dict[str, int] = {}  # assistant item id -> ms generated
         self.cursor = _Cursor()
         self._play_end_at = 0.0
-        self._fence: _CancelFence | None = None
-        self._seq_done = -1
-        self.dropped_stale = 0
+        # client command order (cancel fences)
+        self._fences: list[_CancelFence] = []
+        self._seq_done = 0  # adapter seqs start at 1
+        self._cmd_seq: int | None = None
+        # counters
+        self.responses = 0
         self.done_events = 0
+        self.dropped_stale = 0
         self.backchannels = 0
+        self.barge_ins = 0
+        self.stage_errors = 0
         self._overload_reported = -1e9
 
     # ================================================================== helpers
@@ -277,6 +311,11 @@ class SessionActor:
     def last_item_id(self) -> str | None:
         return self.history[-1].id if self.history else None
 
+    @property
+    def outstanding(self) -> int:
+        """Chunks sent to stage0 and not answered yet."""
+        return len(self._outstanding)
+
     def _advance_epoch(self, reason: str) -> None:
         self.epoch += 1
         adv = EpochAdvance(self.session_id, self.epoch, reason)
@@ -284,24 +323,25 @@ class SessionActor:
             self._emit(dest, adv, "control")
 
     def turn_state(self, now: float) -> TurnState:
+        """Derived from the state, never stored (so it cannot go stale)."""
         r = self.response
-        if self._overlap is not None and not self._overlap.barged and (r or now < self._play_end_at):
-            return TurnState.BARGE_IN
-        if self._speech_item is not None:
+        if self._overlap is not None and self._assistant_audible(now):
+            return TurnState.BARGE_IN  # the user talks over the assistant; not decided yet
+        if self._speech_item is not None or self._overlap is not None:
             return TurnState.USER_SPEAKING
         if r is not None:
             return TurnState.ASSISTANT_PLAYING if r.first_audio_at is not None else TurnState.ASSISTANT_GENERATING
         if now < self._play_end_at:
-            return TurnState.ASSISTANT_PLAYING
-        if self._pending_response or self._outstanding_utterance():
+            return TurnState.ASSISTANT_PLAYING  # the client still plays the last reply's tail
+        if self._awaiting_reply or self._pending_response:
             return TurnState.USER_COMMITTED
         return TurnState.IDLE
 
-    def _outstanding_utterance(self) -> bool:
-        return any(k in (ChunkKind.UTTERANCE, ChunkKind.UTTERANCE_END) for k, _ in self._outstanding.values())
-
     def _assistant_audible(self, now: float) -> bool:
         return self.response is not None or now < self._play_end_at
+
+    def _cap_units(self) -> int:
+        return max(1, int(self.config.continuation_cap_ms // self.chunk_ms))
 
     # ================================================================== lifecycle
     def open(self, now: float) -> None:
@@ -314,10 +354,14 @@ class SessionActor:
     def close(self, now: float, reason: str = "closed") -> None:
         if self.closed:
             return
+        # Nothing may start while closing: no queued turn, no deferred speak, no fence.
+        self._pending_response = False
+        self._deferred_speaks.clear()
+        self._fences.clear()
+        self._advance_epoch("session_closed")
         if self.response is not None:
             self._finish(ResponseStatus.CANCELLED, now, reason="session_closed")
         self.closed = True
-        self.epoch += 1
         self._emit(Dest.STAGE0, StageClose(self.session_id, self.epoch), "control")
         self._emit(Dest.STAGE1, StageClose(self.session_id, self.epoch), "control")
         self._event(SessionClosed(self.session_id, self.epoch, reason))
@@ -325,12 +369,14 @@ class SessionActor:
     def _reset_detector(self) -> None:
         if self.config.turn_mode == TurnMode.SERVER_VAD:
             v = self.config.vad
+            floor = self.config.overlap.silence_rms
             if self._detector is None:
-                self._detector = make_detector(self.settings.vad, v.threshold, v.silence_duration_ms)
+                self._detector = make_detector(self.settings.vad, v.threshold, v.silence_duration_ms, floor)
             else:
                 self._detector.threshold = v.threshold
                 self._detector.silence_ms = v.silence_duration_ms
-            self._detector.reset()
+                self._detector.floor_rms = floor
+            self._detector.reset(self.input_ms)
         self._speech_item = None
         self._overlap = None
 
@@ -340,6 +386,16 @@ class SessionActor:
         if self.closed:
             return
         seq = getattr(msg, "seq", None)
+        self._cmd_seq = seq
+        try:
+            self._command(msg, now)
+        finally:
+            self._cmd_seq = None
+        if seq is not None:
+            self._seq_done = max(self._seq_done, seq)
+            self._resolve_fences(now)
+
+    def _command(self, msg: Any, now: float) -> None:
         match msg:
             case AudioIn():
                 self._on_audio(msg, now)
@@ -370,22 +426,20 @@ class SessionActor:
                 self._event(Snapshot(self.session_id, self.epoch, self.snapshot(now), eid))
             case _:
                 self._error("unknown_command", f"unsupported command {type(msg).__name__}")
-        if seq is not None:
-            self._seq_done = max(self._seq_done, seq)
-            self._resolve_fence(now)
 
     # ------------------------------------------------------------------ audio in
     def _on_audio(self, msg: AudioIn, now: float) -> None:
         pcm = np.asarray(msg.pcm, dtype=np.float32).reshape(-1)
         if msg.force and self.response is not None:
-            self._barge_in(now, reason="turn_detected")
+            self._barge_in(now)  # the explicit interrupt flag always wins
         dur = pcm.size * 1000 / self.engine.input_rate
         mode = self.config.turn_mode
         if mode == TurnMode.DUPLEX:
             self.input_ms += dur
-            self._feed_live(pcm, now)
+            self._feed_live(pcm)
             return
         if self._buffer_ms() + dur > self.settings.max_input_buffer_ms:
+            # Dropped whole: the stream position does not move, so VAD positions stay true.
             self._error(
                 "input_audio_buffer_full",
                 f"input buffer would exceed {self.settings.max_input_buffer_ms} ms; commit or clear it",
@@ -396,30 +450,45 @@ class SessionActor:
         self._buffer.append(pcm)
         self._buffer_samples += pcm.size
         self.input_ms += dur
-        if mode == TurnMode.SERVER_VAD and self._detector is not None:
-            for ev in self._detector.feed(self._to_vad_rate(pcm)):
+        d = self._detector
+        if mode == TurnMode.SERVER_VAD and d is not None:
+            for ev in d.feed(pcm, self.engine.input_rate):
                 if ev.speaking:
                     self._speech_start(ev.at_ms, now)
                 else:
                     self._speech_stop(ev.at_ms, now)
             self._overlap_progress(now)
-
-    def _to_vad_rate(self, pcm: np.ndarray) -> np.ndarray:
-        if self.engine.input_rate == 16000:
-            return pcm
-        import soxr
-
-        return soxr.resample(pcm, self.engine.input_rate, 16000)
+            self._trim_buffer()
 
     def _buffer_ms(self) -> float:
         return self._buffer_samples * 1000 / self.engine.input_rate
 
-    def _clear_input(self) -> None:
+    def _trim_buffer(self) -> None:
+        """Server VAD only commits from a speech start: drop old silence it ruled out."""
+        d = self._detector
+        if (
+            self._buffer_ms() < min(_VAD_TRIM_AFTER_MS, self.settings.max_input_buffer_ms / 2)
+            or (d is not None and d.speaking)
+            or self._speech_item is not None
+            or self._overlap is not None
+        ):
+            return
+        keep = int((self.config.vad.prefix_padding_ms + _VAD_KEEP_SLACK_MS) * self.engine.input_rate / 1000)
+        pcm = np.concatenate(self._buffer)[-keep:] if keep > 0 else np.zeros(0, np.float32)
+        self._buffer = [pcm] if pcm.size else []
+        self._buffer_samples = pcm.size
+        self._buffer_start_ms = self.input_ms - pcm.size * 1000 / self.engine.input_rate
+
+    def _drop_buffer(self) -> None:
         self._buffer.clear()
         self._buffer_samples = 0
         self._buffer_start_ms = self.input_ms
+
+    def _clear_input(self) -> None:
+        self._drop_buffer()
+        self._live = np.zeros(0, dtype=np.float32)
         if self._detector is not None:
-            self._detector.reset()
+            self._detector.reset(self.input_ms)
         self._speech_item = None
         self._overlap = None
 
@@ -439,33 +508,44 @@ class SessionActor:
         self._event(SpeechStarted(self.session_id, self.epoch, self._speech_item, int(start)))
 
     def _overlap_progress(self, now: float) -> None:
-        ov = self._overlap
-        if ov is None or self._detector is None or not self._detector.speaking:
+        ov, d = self._overlap, self._detector
+        if ov is None or d is None or not d.speaking:
             return
-        heard = self.input_ms - ov.start_ms
-        if not ov.announced and heard >= self.config.overlap.short_ack_ms:
+        # Voiced time only: the hangover silence before a stop is not "sustained speech".
+        self._overlap_check(d.voiced_until_ms - ov.start_ms, now)
+
+    def _overlap_check(self, heard_ms: float, now: float) -> None:
+        ov = self._overlap
+        if ov is None:
+            return
+        o = self.config.overlap
+        if not ov.announced and heard_ms >= o.short_ack_ms:
             ov.announced = True
             self._announce_speech(ov.start_ms)
-        if (
-            not ov.barged
-            and heard >= self.config.overlap.barge_in_ms
-            and self.response is not None
-            and self.config.vad.interrupt_response
-        ):
-            ov.barged = True
-            self._barge_in(now, reason="turn_detected")
+        if heard_ms >= o.barge_in_ms and self.response is not None and self.config.vad.interrupt_response:
+            self._barge_in(now)
+
+    def _promote_overlap(self) -> None:
+        """The assistant was interrupted: the overlapping speech is the user's turn."""
+        ov, self._overlap = self._overlap, None
+        if ov is not None and not ov.announced:
+            self._announce_speech(ov.start_ms)
 
     def _speech_stop(self, at_ms: float, now: float) -> None:
         self._last_speech_at = now
-        ov, self._overlap = self._overlap, None
-        if ov is not None and not ov.announced:
-            # A backchannel ("mm-hmm"): not a turn, not an interruption; forget its audio.
-            self.backchannels += 1
-            self._buffer.clear()
-            self._buffer_samples = 0
-            self._buffer_start_ms = self.input_ms
-            return
-        item = self._speech_item or self._new_id("item")
+        if self._overlap is not None:
+            # A single large append may start and stop speech at once: judge the full span.
+            self._overlap_check(at_ms - self._overlap.start_ms, now)
+            ov, self._overlap = self._overlap, None
+            if ov is not None and not ov.announced:
+                # A backchannel ("mm-hmm"): not a turn, not an interruption; forget its audio.
+                self.backchannels += 1
+                self._drop_buffer()
+                return
+        if self._speech_item is None:
+            self._announce_speech(self._speech_start_ms)  # keep started/stopped paired
+        item = self._speech_item
+        assert item is not None
         self._speech_item = None
         self._event(SpeechStopped(self.session_id, self.epoch, item, int(at_ms)))
         if not self._commit(now, "", explicit=False, item_id=item, start_ms=self._speech_start_ms):
@@ -478,25 +558,33 @@ class SessionActor:
 
     # ------------------------------------------------------------------ commit → stage0
     def _commit(
-        self, now: float, event_id: str, explicit: bool, item_id: str | None = None, start_ms: float | None = None
+        self,
+        now: float,
+        event_id: str,
+        explicit: bool,
+        item_id: str | None = None,
+        start_ms: float | None = None,
+        allow_empty: bool = False,
     ) -> bool:
-        if not self._buffer_samples:
+        if not self._buffer_samples and not allow_empty:
             if explicit:
-                self._error("input_audio_buffer_commit_empty", "cannot commit an empty input audio buffer", event_id)
+                msg = "cannot commit an empty input audio buffer"
+                if self.config.turn_mode == TurnMode.DUPLEX:
+                    msg += " (duplex mode streams input to the model; there is nothing to commit)"
+                self._error("input_audio_buffer_commit_empty", msg, event_id)
             return False
-        pcm = np.concatenate(self._buffer)
+        pcm = np.concatenate(self._buffer) if self._buffer else np.zeros(0, np.float32)
         if start_ms is not None:
             # Server VAD commits from the speech start minus the prefix padding.
             skip_ms = max(0.0, start_ms - self.config.vad.prefix_padding_ms - self._buffer_start_ms)
             pcm = pcm[int(skip_ms * self.engine.input_rate / 1000) :]
-        self._buffer.clear()
-        self._buffer_samples = 0
-        self._buffer_start_ms = self.input_ms
+        self._drop_buffer()
         item_id = item_id or self._new_id("item")
         prev = self.last_item_id
         audio_ms = pcm_ms(pcm.size, self.engine.input_rate)
         item = Item(id=item_id, role="user", content=(ContentPart(type="input_audio"),), audio_ms=audio_ms)
         self.history.append(item)
+        self._awaiting_reply = True
         self._event(InputCommitted(self.session_id, self.epoch, item_id, prev))
         self._event(ItemAdded(self.session_id, self.epoch, item, prev))
         self._event(ItemDone(self.session_id, self.epoch, item, prev))
@@ -519,19 +607,20 @@ class SessionActor:
         self._chunk_seq += 1
         if not self.stage0_ready:
             return  # nothing to answer it: not counted as sent
-        self._outstanding[seq] = (kind, item_id)
+        self._outstanding[seq] = _Chunk(kind, self.epoch, item_id, response_id, force_listen)
         self.chunks_sent += 1
         self._emit(
             Dest.STAGE0,
             AudioChunk(self.session_id, self.epoch, seq, kind, pcm, response_id=response_id, force_listen=force_listen),
         )
 
-    def _feed_live(self, pcm: np.ndarray, now: float) -> None:
+    def _feed_live(self, pcm: np.ndarray) -> None:
         n = self.engine.chunk_samples
         buf = np.concatenate((self._live, pcm)) if self._live.size else pcm
         k = buf.size // n
         for i in range(k):
-            force = self._chunk_seq < self.config.force_listen_count
+            force = self._live_chunks < self.config.force_listen_count
+            self._live_chunks += 1
             self._send_chunk(ChunkKind.LIVE, buf[i * n : (i + 1) * n], force_listen=force)
         self._live = buf[k * n :].copy()
 
@@ -550,7 +639,6 @@ class SessionActor:
             )
             return None
         modalities = opts.output_modalities or self.config.output_modalities
-        in_history = opts.conversation != "none"
         r = _Response(
             id=self._new_id("resp"),
             item_id=self._new_id("item"),
@@ -558,14 +646,20 @@ class SessionActor:
             modalities=tuple(modalities),
             created_at=now,
             previous_item_id=self.last_item_id,
-            in_history=in_history,
+            in_history=opts.conversation != "none",
+            origin_seq=self._cmd_seq,
             next_unit_at=now,
         )
         self.response = r
         self.responses += 1
         self._pending_response = False
-        self._send_context(opts.instructions)
+        self._awaiting_reply = False
         item = self._assistant_item(r, "in_progress", "")
+        if r.in_history:
+            # The item takes its place in the conversation now (Realtime: output_item.added),
+            # so user turns committed while it plays come after it.
+            self.history.append(item)
+        self._send_context(opts.instructions)
         self._event(ResponseCreated(self.session_id, self.epoch, self._info(r, ResponseStatus.IN_PROGRESS), item))
         if self.config.turn_mode != TurnMode.DUPLEX:
             self._continuation(now)
@@ -604,30 +698,34 @@ class SessionActor:
         )
 
     def _send_context(self, instructions: str | None = None) -> None:
-        entries = tuple(HistoryEntry(i.role, _item_text(i)) for i in self.history)
+        # The assistant item in progress is the model's own output: not context yet.
+        entries = tuple(HistoryEntry(i.role, _item_text(i)) for i in self.history if i.status != "in_progress")
         self._emit(
             Dest.STAGE0,
             ContextUpdate(self.session_id, self.epoch, entries, instructions=instructions or self.config.instructions),
         )
 
     def _continuation(self, now: float) -> None:
-        """Feed silence units (turn modes) so the model can finish its reply, paced."""
+        """Feed silence units (turn modes) so the model can finish its reply, paced and capped."""
         r = self.response
         if r is None or r.thinker_done or self.config.turn_mode == TurnMode.DUPLEX:
             return
-        cap_units = max(1, int(self.config.continuation_cap_ms // self.chunk_ms))
+        cap = self._cap_units()
         interval = self.chunk_ms / 1000 * self.settings.continuation_pace
-        while now >= r.next_unit_at and not r.thinker_done:
-            if r.continuation_sent >= cap_units:
+        while not r.thinker_done:
+            if r.continuation_sent >= cap:
+                # Cap reached: the turn ends once every unit sent has been answered.
                 if not self._awaiting_continuation(r):
                     self._thinker_finished(r, now, incomplete="turn_cap")
+                return
+            if now < r.next_unit_at:
                 return
             r.continuation_sent += 1
             r.next_unit_at += interval
             self._send_chunk(ChunkKind.CONTINUATION, np.zeros(self.engine.chunk_samples, np.float32), response_id=r.id)
 
     def _awaiting_continuation(self, r: _Response) -> bool:
-        return any(k == ChunkKind.CONTINUATION for k, _ in self._outstanding.values())
+        return any(c.kind == ChunkKind.CONTINUATION and c.response_id == r.id for c in self._outstanding.values())
 
     def _thinker_finished(self, r: _Response, now: float, incomplete: str = "") -> None:
         if r.thinker_done:
@@ -662,56 +760,60 @@ class SessionActor:
         if r is None:
             return
         self.response = None
+        item_status = "completed" if status == ResponseStatus.COMPLETED else "incomplete"
         if "audio" in r.modalities:
-            transcript = full_text(r.segments)
-            self._alignments[r.item_id] = r.segments
-            self._generated[r.item_id] = r.generated_ms
-            committed_ms = r.generated_ms
+            full = full_text(r.segments)
+            committed = r.generated_ms
             played = self.cursor.played_ms if self.cursor.item_id == r.item_id else 0
             if self.config.commit_policy == CommitPolicy.ACK_ONLY:
-                committed_ms = min(played, r.generated_ms)
-                transcript = cut_text(r.segments, committed_ms)
-            self.cursor = _Cursor(r.item_id, r.generated_ms, played, committed_ms if r.in_history else 0)
-            if r.first_audio_at is not None:
-                self._play_end_at = max(self._play_end_at, r.first_audio_at + r.generated_ms / 1000)
-            item = self._assistant_item(
-                r, "completed" if status == ResponseStatus.COMPLETED else "incomplete", transcript, committed_ms
-            )
+                committed = min(played, committed)
+            if r.truncated_ms is not None:
+                committed = min(committed, r.truncated_ms)
+            transcript = full if committed >= r.generated_ms else cut_text(r.segments, committed)
+            self._alignments[r.item_id] = r.segments
+            self._generated[r.item_id] = r.generated_ms
+            self.cursor = _Cursor(r.item_id, r.generated_ms, r.sent_ms, played, committed if r.in_history else 0)
+            if status in (ResponseStatus.CANCELLED, ResponseStatus.FAILED):
+                # The epoch advance told the client to flush: nothing of it plays on.
+                self._play_end_at = min(self._play_end_at, now)
+            else:
+                self._play_end_at = max(self._play_end_at, r.play_end_at)
+            item = self._assistant_item(r, item_status, transcript, committed)
         else:
-            transcript = "".join(r.text)
-            item = self._assistant_item(
-                r, "completed" if status == ResponseStatus.COMPLETED else "incomplete", transcript
-            )
-        has_output = bool(transcript) or r.generated_ms > 0 or status == ResponseStatus.COMPLETED
-        output: tuple[Item, ...] = ()
-        if has_output:
-            output = (item,)
-            if r.in_history:
-                self.history.append(item)
+            full = transcript = "".join(r.text)
+            item = self._assistant_item(r, item_status, transcript)
+        if r.in_history:
+            idx = next((i for i, it in enumerate(self.history) if it.id == r.item_id), None)
+            if idx is not None:  # not deleted by the client meanwhile
+                self.history[idx] = item
                 self._send_context()
-            self._event(ItemDone(self.session_id, self.epoch, item, r.previous_item_id))
+        self._event(ItemDone(self.session_id, self.epoch, item, r.previous_item_id))
         self.done_events += 1
         self._event(
-            ResponseDone(
-                self.session_id,
-                self.epoch,
-                self._info(r, status, reason, output, error),
-                transcript=full_text(r.segments) if "audio" in r.modalities else transcript,
-            )
+            ResponseDone(self.session_id, self.epoch, self._info(r, status, reason, (item,), error), transcript=full)
         )
         self._last_speech_at = now
         self._idle_fired = False
-        if self._pending_response and status == ResponseStatus.COMPLETED:
+        owed = self._pending_response and status in (ResponseStatus.COMPLETED, ResponseStatus.INCOMPLETE)
+        self._pending_response = False
+        if self.closed:
+            return
+        if owed:
+            # A user turn committed while this reply played: answer it now.
             self._create_response(now, ResponseOptions(), "")
-        else:
-            self._pending_response = False
-        if self._deferred_speaks and self.response is None:
+        if self._deferred_speaks and self.response is None and self.config.turn_mode == TurnMode.DUPLEX:
+            # The model started its next turn while this one still played: replay it, in
+            # order; a speak that ends that turn defers the rest again.
             speaks, self._deferred_speaks = self._deferred_speaks, []
             for res in speaks:
                 self._on_speak(res, now)
+        elif self.config.turn_mode != TurnMode.DUPLEX:
+            self._deferred_speaks.clear()
 
-    def _barge_in(self, now: float, reason: str) -> None:
-        self._cancel(now, reason)
+    def _barge_in(self, now: float) -> None:
+        self.barge_ins += 1
+        self._promote_overlap()
+        self._cancel(now, "turn_detected")
 
     def _cancel(self, now: float, reason: str) -> None:
         if self.response is None:
@@ -722,96 +824,134 @@ class SessionActor:
 
     # ------------------------------------------------------------------ cancel (control plane)
     def on_cancel(self, msg: ResponseCancel, now: float) -> None:
+        """A client cancel. It travels on the control plane and may overtake data commands
+        the client sent before it (up to ``after_seq``): a response those commands create
+        is cancelled as soon as it appears (see docs/session-semantics.md)."""
         if self.closed:
             return
         r = self.response
-        if msg.response_id and r is not None and msg.response_id != r.id:
-            self._error(
-                "response_not_found",
-                f"response {msg.response_id!r} is not in progress",
-                msg.event_id,
-                param="response_id",
-            )
+        if msg.response_id:
+            # Ids come from the server: one not active now cannot be created by queued commands.
+            if r is None or msg.response_id != r.id:
+                self._error(
+                    "response_cancel_not_active",
+                    f"response {msg.response_id!r} is not in progress",
+                    msg.event_id,
+                    param="response_id",
+                )
+                return
+            self._cancel(now, "client_cancelled")
             return
         if r is not None:
             self._cancel(now, "client_cancelled")
             if self._seq_done < msg.after_seq:
-                self._fence = _CancelFence(msg.after_seq, msg.response_id, msg.event_id, applied=True)
+                self._fences.append(_CancelFence(msg.after_seq, msg.event_id, applied=True))
             return
         if self._seq_done >= msg.after_seq:
             self._error("response_cancel_not_active", "there is no response in progress to cancel", msg.event_id)
             return
-        # The client's response.create may still be queued on the data plane: fence it.
-        self._fence = _CancelFence(msg.after_seq, msg.response_id, msg.event_id)
+        self._fences.append(_CancelFence(msg.after_seq, msg.event_id))
 
-    def _resolve_fence(self, now: float) -> None:
-        f = self._fence
-        if f is None:
+    def _resolve_fences(self, now: float) -> None:
+        if not self._fences:
             return
-        if self.response is not None and not f.applied and self._seq_done <= f.after_seq:
-            f.applied = True
-            self._cancel(now, "client_cancelled")
-        if self._seq_done >= f.after_seq:
-            self._fence = None
-            if not f.applied:
+        r = self.response
+        if r is not None and r.origin_seq is not None:
+            covering = [f for f in self._fences if f.after_seq >= r.origin_seq]
+            if covering:
+                f = next((f for f in covering if not f.applied), covering[0])
+                f.applied = True
+                self._cancel(now, "client_cancelled")
+        keep: list[_CancelFence] = []
+        for f in self._fences:
+            if self._seq_done < f.after_seq:
+                keep.append(f)
+            elif not f.applied:
                 self._error("response_cancel_not_active", "there is no response in progress to cancel", f.event_id)
+        self._fences = keep
 
     def output_clear(self, now: float) -> None:
         """Realtime ``output_audio_buffer.clear``: stop the assistant now."""
-        if self.response is not None:
+        if not self.closed and self.response is not None:
             self._cancel(now, "client_cancelled")
 
     # ------------------------------------------------------------------ stage0 results
     def on_stage0(self, res: Stage0Result, now: float) -> None:
         if self.closed:
             return
-        entry = self._outstanding.pop(res.chunk_seq, None)
-        if entry is None:
-            self._error("stage_protocol_error", f"unexpected result for chunk {res.chunk_seq}", type_="server_error")
+        c = self._outstanding.pop(res.chunk_seq, None)
+        if c is None:
+            self._error(
+                "stage_protocol_error",
+                f"stage0 answered chunk {res.chunk_seq}, which is not awaiting an answer",
+                type_="server_error",
+            )
             return
         self.chunk_results += 1
-        kind, item_id = entry
         if res.input_transcript is not None:
-            self._on_transcript(kind, item_id, res.input_transcript, now)
-        r = self.response
-        if r is not None and kind == ChunkKind.CONTINUATION and res.epoch == self.epoch:
-            r.input_chunks += 1
-        if res.epoch < self.epoch:
+            # The user's words are never stale: stage0 keeps them across epochs, so does history.
+            self._on_transcript(c, res.input_transcript)
+        if res.epoch < self.epoch or c.epoch < self.epoch:
             self.dropped_stale += 1
             return
-        self._event(
-            Decision(
-                self.session_id,
-                self.epoch,
-                res.chunk_seq,
-                res.action,
-                res.listen_prob,
-                res.text,
-                res.end_of_turn,
-                r.id if r else "",
-                res.cost_ms,
-            )
+        r = self.response
+        action = res.action
+        if c.force_listen and action == Action.SPEAK:
+            action = Action.LISTEN  # forced chunks always listen, whatever the engine said
+        refused, opens_at = False, len(self.outbox)
+        if (
+            c.kind == ChunkKind.LIVE
+            and action == Action.SPEAK
+            and not res.interrupt
+            and r is None
+            and self.config.turn_mode == TurnMode.DUPLEX
+        ):
+            # Duplex: this speak opens a response. It is created first so the decision can
+            # name it, and the decision goes out first: cause, then response.created.
+            r = self._create_response(now, ResponseOptions(), "")
+            refused = r is None  # (stage restarting: its error event was sent once)
+        deferred = c.kind == ChunkKind.LIVE and action == Action.SPEAK and r is not None and r.thinker_done
+        decision = Decision(
+            self.session_id,
+            self.epoch,
+            res.chunk_seq,
+            action,
+            res.listen_prob,
+            res.text if action == Action.SPEAK else "",
+            res.end_of_turn,
+            c.response_id or (r.id if r and not deferred else ""),
+            res.cost_ms,
         )
-        if kind in (ChunkKind.UTTERANCE, ChunkKind.UTTERANCE_END):
-            return  # the model must listen while the user's committed turn plays in
-        if res.interrupt and r is not None:
-            self._barge_in(now, "turn_detected")
-            return
-        if res.action == Action.SPEAK:
-            if kind == ChunkKind.CONTINUATION and (r is None or r.thinker_done):
-                return
-            self._on_speak(res, now)
-        elif r is not None and not r.thinker_done:
-            if kind == ChunkKind.CONTINUATION and res.end_of_turn:
-                self._thinker_finished(r, now)
-            elif kind == ChunkKind.LIVE and r.unit_seq > 0:
-                self._thinker_finished(r, now)  # duplex: a listen after speaking ends the turn
-        if r is not None and kind == ChunkKind.CONTINUATION:
+        self.outbox.insert(opens_at, Out(Dest.ADAPTER, "data", decision))
+        if refused or c.kind in (ChunkKind.UTTERANCE, ChunkKind.UTTERANCE_END):
+            return  # (utterances: the model must listen while the user's committed turn plays in)
+        if c.kind == ChunkKind.CONTINUATION:
+            if r is None or r.id != c.response_id:
+                return  # a unit of a response that already ended
+            r.input_chunks += 1
+            if not r.thinker_done:
+                if action == Action.SPEAK:
+                    self._on_speak(res, now)
+                elif res.end_of_turn:
+                    self._thinker_finished(r, now)
             self._continuation(now)
+            return
+        # LIVE (duplex): the model's decision governs.
+        if res.interrupt:
+            if r is not None:
+                self._barge_in(now)
+            self._deferred_speaks.clear()
+            return
+        if action == Action.SPEAK:
+            self._on_speak(res, now)
+        elif r is not None and not r.thinker_done and r.unit_seq > 0:
+            self._thinker_finished(r, now)  # duplex: a listen after speaking ends the turn
 
-    def _on_transcript(self, kind: ChunkKind, item_id: str, transcript: str, now: float) -> None:
-        if kind == ChunkKind.LIVE:
-            # Duplex: the model heard a user turn; it enters history as a user item.
+    def _on_transcript(self, c: _Chunk, transcript: str) -> None:
+        if c.kind == ChunkKind.CONTINUATION:
+            return  # silence units carry no user words
+        if c.kind == ChunkKind.LIVE:
+            # Duplex: the model heard a user turn; it enters history as its own user item.
             item_id = self._new_id("item")
             prev = self.last_item_id
             item = Item(id=item_id, role="user", content=(ContentPart(type="input_audio", transcript=transcript),))
@@ -819,10 +959,11 @@ class SessionActor:
             self._event(ItemAdded(self.session_id, self.epoch, item, prev))
             self._event(ItemDone(self.session_id, self.epoch, item, prev))
         else:
-            for i, it in enumerate(self.history):
-                if it.id == item_id:
-                    self.history[i] = _with_transcript(it, transcript)
-                    break
+            item_id = c.item_id
+            idx = next((i for i, it in enumerate(self.history) if it.id == item_id), None)
+            if idx is None:
+                return  # the client deleted the item meanwhile
+            self.history[idx] = _with_transcript(self.history[idx], transcript)
         self._event(InputTranscript(self.session_id, self.epoch, item_id, transcript))
 
     def _on_speak(self, res: Stage0Result, now: float) -> None:
@@ -834,7 +975,8 @@ class SessionActor:
             if r is None:
                 return
         elif r.thinker_done:
-            self._deferred_speaks.append(res)  # a new turn while the last one still plays
+            if self.config.turn_mode == TurnMode.DUPLEX:
+                self._deferred_speaks.append(res)  # a new turn while the last one still plays
             return
         text, end = res.text, res.end_of_turn
         limit = r.options.max_output_tokens or self.config.max_output_tokens
@@ -875,20 +1017,30 @@ class SessionActor:
     def on_audio_out(self, msg: AudioOut, now: float, frames: list[Any] | None = None) -> bool:
         """Returns whether the chunk was forwarded to the client."""
         r = self.response
-        if self.closed or msg.epoch < self.epoch or r is None or msg.response_id != r.id:
+        if (
+            self.closed
+            or msg.epoch != self.epoch
+            or r is None
+            or msg.response_id != r.id
+            or r.talker_done
+            or "audio" not in r.modalities
+        ):
             self.dropped_stale += 1
             return False
         n = int(np.asarray(msg.pcm).size)
-        dur = pcm_ms(n, self.settings.output_rate)
         if n:
             if r.first_audio_at is None:
                 r.first_audio_at = now
             start = r.generated_ms
-            r.generated_ms += dur
+            r.generated_samples += n
+            r.generated_ms = r.sent_ms = pcm_ms(r.generated_samples, self.settings.output_rate)
+            # The client plays at real time from the first chunk; a late chunk resumes after a gap.
+            r.play_end_at = max(r.play_end_at, now) + n / self.settings.output_rate
             r.segments.append(Segment(start, r.generated_ms, msg.text))
             if self.cursor.item_id != r.item_id:
                 self.cursor = _Cursor(r.item_id)
-            self.cursor.generated_ms = r.generated_ms
+            # The host forwards audio as it is generated: sent == generated at this hop.
+            self.cursor.generated_ms = self.cursor.sent_ms = r.generated_ms
             self._emit(Dest.ADAPTER, msg, frames=frames)
         elif msg.text:
             r.segments.append(Segment(r.generated_ms, r.generated_ms, msg.text))
@@ -896,9 +1048,8 @@ class SessionActor:
             if n == 0:
                 self._emit(Dest.ADAPTER, msg, frames=frames)
             r.talker_done = True
-            if not r.thinker_done:
-                # stage1 finished what it was given; the thinker's turn is over too.
-                r.thinker_done = True
+            # stage1 finished what it was given: the turn is over, whatever stage0 still says.
+            r.thinker_done = True
             self._maybe_finish(now)
         return True
 
@@ -906,14 +1057,24 @@ class SessionActor:
     def on_stage_error(self, err: StageError, now: float, chunk_seq: int | None = None) -> None:
         if self.closed:
             return
+        self.stage_errors += 1
         if err.role == Role.STAGE0 and chunk_seq is not None and self._outstanding.pop(chunk_seq, None):
-            self.chunk_results += 1
-        self._fail(now, err.code, err.message)
+            self.chunk_results += 1  # the error is that chunk's one answer
+        message = f"{err.role.value}: {err.message}"
+        if err.code == "stage_open_failed":
+            # The stage refused the session: nothing sent there would ever be answered.
+            self._error(err.code, message + "; the session is closed", type_="server_error")
+            self.close(now, "model stage refused the session")
+            return
+        if err.epoch < self.epoch:
+            # About work of an older epoch: the response it served has already ended.
+            self._error(err.code, message, type_="server_error")
+            return
+        self._fail(now, err.code, message)
 
     def _fail(self, now: float, code: str, message: str) -> None:
         r = self.response
-        rid = r.id if r else ""
-        self._error(code, message, response_id=rid, type_="server_error")
+        self._error(code, message, response_id=r.id if r else "", type_="server_error")
         if r is not None:
             self._advance_epoch("stage_error")
             self._deferred_speaks.clear()
@@ -921,6 +1082,8 @@ class SessionActor:
 
     def on_send_failed(self, out: Out, now: float) -> None:
         """The host could not hand ``out`` to a stage (queue full or peer gone)."""
+        if self.closed:
+            return
         msg = out.msg
         if out.plane == "control":
             # An epoch/open/close the stage never saw: its epoch would diverge from ours.
@@ -936,11 +1099,16 @@ class SessionActor:
             if now - self._overload_reported >= 1.0:
                 self._overload_reported = now
                 self._error("overloaded", "the model is overloaded; input audio was dropped", type_="server_error")
+            self._continuation(now)  # a capped turn may have been waiting for that unit
         elif isinstance(msg, Handoff):
-            self._fail(now, "overloaded", "speech synthesis is overloaded")
+            r = self.response
+            if r is not None and msg.response_id == r.id:
+                self._fail(now, "overloaded", "speech synthesis is overloaded")
 
     def on_stage_lost(self, role: Role, now: float) -> None:
         """The stage serving this session died: fail what it was doing."""
+        if self.closed:
+            return
         if role == Role.STAGE0:
             self.stage0_ready = False
             self.chunks_lost += len(self._outstanding)
@@ -951,6 +1119,8 @@ class SessionActor:
 
     def on_stage_bound(self, role: Role, now: float) -> None:
         """A (new) stage serves this session: open the session there."""
+        if self.closed:
+            return
         self._emit(
             Dest.STAGE0 if role == Role.STAGE0 else Dest.STAGE1,
             StageOpen(self.session_id, self.epoch, self.config),
@@ -966,10 +1136,16 @@ class SessionActor:
     def _update(self, cfg: SessionConfig, now: float, event_id: str) -> None:
         old = self.config
         self.config = cfg
-        if old.turn_mode != cfg.turn_mode or old.vad != cfg.vad:
-            if cfg.turn_mode == TurnMode.DUPLEX:
+        if old.turn_mode != cfg.turn_mode:
+            if TurnMode.DUPLEX in (cfg.turn_mode, old.turn_mode):
                 self._clear_input()
+                self._live_chunks = 0  # the duplex stream (re)starts: force_listen_count again
             self._reset_detector()
+        elif self._detector is not None:
+            # New thresholds apply from the next window; speech in progress is kept.
+            self._detector.threshold = cfg.vad.threshold
+            self._detector.silence_ms = cfg.vad.silence_duration_ms
+            self._detector.floor_rms = cfg.overlap.silence_rms
         self._emit(Dest.STAGE0, StageOpen(self.session_id, self.epoch, cfg), "control")
         self._emit(Dest.STAGE1, StageOpen(self.session_id, self.epoch, cfg), "control")
         if old.instructions != cfg.instructions:
@@ -978,10 +1154,9 @@ class SessionActor:
 
     # ------------------------------------------------------------------ playback and history
     def _ack(self, msg: PlaybackAck) -> None:
-        gen = self._generated.get(msg.item_id)
         r = self.response
-        if r is not None and r.item_id == msg.item_id:
-            gen = r.generated_ms
+        active = r is not None and r.item_id == msg.item_id
+        gen = r.generated_ms if r is not None and active else self._generated.get(msg.item_id)
         if gen is None:
             self._error("item_not_found", f"no assistant audio item {msg.item_id!r}", msg.event_id, param="item_id")
             return
@@ -989,12 +1164,14 @@ class SessionActor:
         c = self.cursor
         if c.item_id == msg.item_id:
             played = c.played_ms = max(played, c.played_ms)
-        finished = r is None or r.item_id != msg.item_id
-        if finished and self.config.commit_policy == CommitPolicy.ACK_ONLY:
+        if not active and self.config.commit_policy == CommitPolicy.ACK_ONLY:
             item = self._find(msg.item_id)
-            played = max(played, item.audio_ms if item else 0)  # acks never shrink history
-            if self._rewrite_assistant(msg.item_id, played) and c.item_id == msg.item_id:
-                c.committed_ms = played
+            if item is not None and item.role == "assistant":
+                if played > item.audio_ms:  # acks never shrink history (truncate does)
+                    self._rewrite_assistant(msg.item_id, played)
+                played = max(played, item.audio_ms)
+                if c.item_id == msg.item_id:
+                    c.committed_ms = played
         self._event(
             PlaybackCommitted(
                 self.session_id, self.epoch, msg.response_id, msg.item_id, played, tuple(self.history), msg.event_id
@@ -1002,21 +1179,22 @@ class SessionActor:
         )
 
     def _rewrite_assistant(self, item_id: str, ms: int) -> bool:
-        for i, it in enumerate(self.history):
-            if it.id == item_id and it.role == "assistant":
-                text = cut_text(self._alignments.get(item_id, []), ms)
-                part = it.content[0] if it.content else ContentPart(type="output_audio")
-                self.history[i] = Item(
-                    id=it.id,
-                    role=it.role,
-                    type=it.type,
-                    status=it.status,
-                    content=(ContentPart(type=part.type, transcript=text),),
-                    audio_ms=ms,
-                )
-                self._send_context()
-                return True
-        return False
+        idx = next((i for i, it in enumerate(self.history) if it.id == item_id and it.role == "assistant"), None)
+        if idx is None:
+            return False
+        it = self.history[idx]
+        segments = self._alignments.get(item_id)
+        if segments is None:
+            content = it.content  # a client-made item: no alignment, its words stay as given
+        else:
+            text = cut_text(segments, ms)
+            content = tuple(
+                ContentPart(type=p.type, text=p.text, transcript=text) if p.type in _AUDIO_PARTS else p
+                for p in it.content
+            ) or (ContentPart(type="output_audio", transcript=text),)
+        self.history[idx] = Item(id=it.id, role=it.role, type=it.type, status=it.status, content=content, audio_ms=ms)
+        self._send_context()
+        return True
 
     def _truncate(self, msg: ItemTruncate) -> None:
         item = self._find(msg.item_id)
@@ -1025,7 +1203,12 @@ class SessionActor:
                 "item_not_found", f"no assistant item {msg.item_id!r} to truncate", msg.event_id, param="item_id"
             )
             return
-        gen = self._generated.get(msg.item_id, item.audio_ms)
+        r = self.response
+        active = r is not None and r.item_id == msg.item_id
+        gen = r.generated_ms if r is not None and active else self._generated.get(msg.item_id, item.audio_ms)
+        if msg.content_index != 0:
+            self._error("invalid_value", "content_index must be 0", msg.event_id, param="content_index")
+            return
         if msg.audio_end_ms < 0 or msg.audio_end_ms > gen:
             self._error(
                 "invalid_value",
@@ -1034,12 +1217,16 @@ class SessionActor:
                 param="audio_end_ms",
             )
             return
-        if msg.content_index != 0:
-            self._error("invalid_value", "content_index must be 0", msg.event_id, param="content_index")
-            return
-        self._rewrite_assistant(msg.item_id, msg.audio_end_ms)
-        if self.cursor.item_id == msg.item_id:
-            self.cursor.played_ms = self.cursor.committed_ms = msg.audio_end_ms
+        c = self.cursor
+        if r is not None and active:
+            # Still playing: the item enters history cut here when the response ends.
+            r.truncated_ms = msg.audio_end_ms
+            if c.item_id == msg.item_id:
+                c.played_ms = msg.audio_end_ms
+        else:
+            self._rewrite_assistant(msg.item_id, msg.audio_end_ms)
+            if c.item_id == msg.item_id:
+                c.played_ms = c.committed_ms = msg.audio_end_ms
         self._event(
             ItemTruncated(self.session_id, self.epoch, msg.item_id, msg.audio_end_ms, msg.content_index, msg.event_id)
         )
@@ -1057,9 +1244,11 @@ class SessionActor:
                 param="item.role",
             )
             return
-        if self._find(item.id) is not None:
+        if self._find(item.id) is not None or (self.response is not None and self.response.item_id == item.id):
             self._error("item_already_exists", f"item {item.id!r} already exists", msg.event_id, param="item.id")
             return
+        if item.status == "in_progress":
+            item = Item(id=item.id, role=item.role, type=item.type, content=item.content, audio_ms=item.audio_ms)
         if msg.previous_item_id is None:
             pos = len(self.history)
         elif msg.previous_item_id == "root":
@@ -1087,6 +1276,9 @@ class SessionActor:
             self._error("item_not_found", f"no item {item_id!r} in the conversation", event_id, param="item_id")
             return
         del self.history[idx]
+        r = self.response
+        if r is not None and r.item_id == item_id:
+            r.in_history = False  # the response plays on, out of the conversation
         self._event(ItemDeleted(self.session_id, self.epoch, item_id, event_id))
         self._send_context()
 
@@ -1094,12 +1286,10 @@ class SessionActor:
     def tick(self, now: float) -> None:
         if self.closed:
             return
-        r = self.response
-        if r is not None and not r.thinker_done and self.config.turn_mode != TurnMode.DUPLEX:
-            self._continuation(now)
+        self._continuation(now)
         self._idle_check(now)
 
-    def _idle_check(self, now: float) -> None:
+    def _idle_deadline(self) -> float | None:
         v = self.config.vad
         if (
             self.config.turn_mode != TurnMode.SERVER_VAD
@@ -1108,29 +1298,40 @@ class SessionActor:
             or self.response is not None
             or self._speech_item is not None
             or self._overlap is not None
+            or self._pending_response
         ):
-            return
-        since = max(self._last_speech_at, self._play_end_at)
-        if now - since < v.idle_timeout_ms / 1000:
+            return None
+        return max(self._last_speech_at, self._play_end_at) + v.idle_timeout_ms / 1000
+
+    def _idle_check(self, now: float) -> None:
+        deadline = self._idle_deadline()
+        if deadline is None or now < deadline:
             return
         self._idle_fired = True
         item = self._new_id("item")
-        end = int(self.input_ms)
-        self._event(IdleTimeout(self.session_id, self.epoch, item, int(self._buffer_start_ms), end))
-        self._commit(now, "", explicit=False, item_id=item)
+        start, end = int(self._buffer_start_ms), int(self.input_ms)
+        self._event(IdleTimeout(self.session_id, self.epoch, item, start, end))
+        # Realtime commits the buffer even if empty, then asks the model to respond.
+        self._commit(now, "", explicit=False, item_id=item, allow_empty=True)
         self._create_response(now, ResponseOptions(), "")
 
     def next_deadline(self) -> float | None:
-        """When ``tick`` next has work (continuation units, idle timeout)."""
+        """When ``tick`` next has work (continuation units, idle timeout); None: none is
+        due by time alone (a capped turn waits for answers, not for the clock)."""
         if self.closed:
             return None
         r = self.response
         times: list[float] = []
-        if r is not None and not r.thinker_done and self.config.turn_mode != TurnMode.DUPLEX:
+        if (
+            r is not None
+            and not r.thinker_done
+            and self.config.turn_mode != TurnMode.DUPLEX
+            and r.continuation_sent < self._cap_units()
+        ):
             times.append(r.next_unit_at)
-        v = self.config.vad
-        if self.config.turn_mode == TurnMode.SERVER_VAD and v.idle_timeout_ms and not self._idle_fired and r is None:
-            times.append(max(self._last_speech_at, self._play_end_at) + v.idle_timeout_ms / 1000)
+        idle = self._idle_deadline()
+        if idle is not None:
+            times.append(idle)
         return min(times) if times else None
 
     # ================================================================== inspection
@@ -1138,7 +1339,9 @@ class SessionActor:
         r = self.response
         info = None
         if r is not None:
-            info = self._info(r, ResponseStatus.IN_PROGRESS)
+            so_far = full_text(r.segments) if "audio" in r.modalities else "".join(r.text)
+            item = self._assistant_item(r, "in_progress", so_far, r.generated_ms)
+            info = self._info(r, ResponseStatus.IN_PROGRESS, output=(item,))
         return SessionSnapshot(
             session_id=self.session_id,
             epoch=self.epoch,

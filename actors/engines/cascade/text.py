@@ -42,9 +42,11 @@ def _ends_sentence(text: str, end: int) -> bool:
 def _cut_long(text: str, max_chars: int) -> int:
     """Where to cut ``text`` (longer than ``max_chars``): after a clause mark or a space."""
     window = text[:max_chars]
-    for marks in ((", ", "; ", ": ", " - "), (" ",)):
+    # Prefer a clause mark late enough to leave a useful piece; else any space: a word is
+    # cut only when it alone is longer than max_chars.
+    for marks, floor in (((", ", "; ", ": ", " - "), max_chars // 3), ((" ",), 0)):
         pos = max(window.rfind(m) for m in marks)
-        if pos > max_chars // 3:
+        if pos > floor:
             return pos + 1
     return max_chars
 
