@@ -430,8 +430,8 @@ class SessionActor:
     # ------------------------------------------------------------------ audio in
     def _on_audio(self, msg: AudioIn, now: float) -> None:
         pcm = np.asarray(msg.pcm, dtype=np.float32).reshape(-1)
-        if msg.force and self.response is not None:
-            self._barge_in(now)  # the explicit interrupt flag always wins
+        if msg.force:
+            self._interrupt(now)  # the explicit interrupt flag always wins
         dur = pcm.size * 1000 / self.engine.input_rate
         mode = self.config.turn_mode
         if mode == TurnMode.DUPLEX:
@@ -522,8 +522,8 @@ class SessionActor:
         if not ov.announced and heard_ms >= o.short_ack_ms:
             ov.announced = True
             self._announce_speech(ov.start_ms)
-        if heard_ms >= o.barge_in_ms and self.response is not None and self.config.vad.interrupt_response:
-            self._barge_in(now)
+        if heard_ms >= o.barge_in_ms and self.config.vad.interrupt_response:
+            self._interrupt(now)
 
     def _promote_overlap(self) -> None:
         """The assistant was interrupted: the overlapping speech is the user's turn."""
@@ -815,6 +815,18 @@ class SessionActor:
         self._promote_overlap()
         self._cancel(now, "turn_detected")
 
+    def _interrupt(self, now: float) -> None:
+        """The user took the floor. A response still generating is cancelled; a finished
+        one whose tail the client is still playing (up to stage1's lead) is silenced by an
+        epoch advance, which tells clients to flush what they buffered."""
+        if self.response is not None:
+            self._barge_in(now)
+        elif now < self._play_end_at:
+            self.barge_ins += 1
+            self._promote_overlap()
+            self._advance_epoch("turn_detected")
+            self._play_end_at = now
+
     def _cancel(self, now: float, reason: str) -> None:
         if self.response is None:
             return
@@ -938,8 +950,7 @@ class SessionActor:
             return
         # LIVE (duplex): the model's decision governs.
         if res.interrupt:
-            if r is not None:
-                self._barge_in(now)
+            self._interrupt(now)
             self._deferred_speaks.clear()
             return
         if action == Action.SPEAK:

@@ -657,6 +657,41 @@ def test_duplex_model_interrupt_yields_the_floor() -> None:
     assert s.done(rid).response.reason == "turn_detected" and s.a.epoch == 1
 
 
+
+def test_interrupt_while_the_client_still_plays_a_finished_reply_flushes_it() -> None:
+    """stage1 runs ahead of real time: a reply can be fully generated (response done) while
+    the client still plays its tail. Talking over that tail advances the epoch, so clients
+    flush, in duplex (model interrupt) and server VAD (sustained speech) alike."""
+    s = Session(turn_mode=TurnMode.DUPLEX, force_listen_count=0)
+    s.talk(speech(300))
+    c = s.sent(AudioChunk, Dest.STAGE0)
+    s.answer(c[0], speak=True, text="a long reply", end=True)
+    rid = s.a.response.id  # type: ignore[union-attr]
+    s.play(rid, 50, end=True)  # 2 s generated in 2 s of test time, sent at once
+    s.now -= 1.5  # ...as if generated 1.5 s ahead of playback
+    assert s.done(rid).response.status == "completed"
+    assert s.a.turn_state(s.now) == TurnState.ASSISTANT_PLAYING
+    m = s.mark()
+    s.answer(c[1], interrupt=True)
+    adv = s.sent(EpochAdvance, None, m)
+    assert {o.dest for o in s.out[m:] if isinstance(o.msg, EpochAdvance)} == {Dest.ADAPTER, Dest.STAGE0, Dest.STAGE1}
+    assert adv[0].reason == "turn_detected" and s.a.epoch == 1 and s.a.barge_ins == 1
+    assert len(s.sent(ResponseDone)) == 1  # that response already ended; nothing more about it
+    assert s.a.turn_state(s.now) != TurnState.ASSISTANT_PLAYING
+    m = s.mark()
+    s.answer(c[2], interrupt=True)  # nothing audible any more: no second advance
+    assert s.sent(EpochAdvance, None, m) == []
+
+    v = Session()
+    rid = _speaking_response(v)
+    v.play(rid, 50, end=True)
+    v.now -= 1.5
+    assert v.done(rid).response.status == "completed"
+    m = v.mark()
+    v.talk(speech(900))
+    assert [a.reason for a in v.sent(EpochAdvance, Dest.ADAPTER, m)] == ["turn_detected"]
+    assert len(v.sent(SpeechStarted, since=m)) == 1
+
 # ============================================================================ failures
 def test_stage_error_fails_the_response_and_names_it() -> None:
     s = Session()
