@@ -424,6 +424,7 @@ class SessionHost:
         else:
             b.stage1 = peer.identity
         peer.sessions.add(sid)
+        b.actor.stage_names[role] = peer.name
         b.actor.on_stage_bound(role, self.now())
         self._flush(sid)
 
@@ -454,6 +455,7 @@ class SessionHost:
             refuse("stage_unavailable", "the model stages are not ready")
             return
         actor = SessionActor(sid, msg.config, s0.engine, self.settings)
+        actor.stage_names = {Role.STAGE0: s0.name, Role.STAGE1: s1.name}
         self.sessions[sid] = _Bound(actor, adapter.identity, s0.identity, s1.identity)
         for p in (adapter, s0, s1):
             p.sessions.add(sid)

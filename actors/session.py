@@ -248,6 +248,7 @@ class SessionActor:
         self.chunks_lost = 0  # sent to a stage0 that died before answering
         self.stage0_ready = True
         self.stage1_ready = True
+        self.stage_names: dict[Role, str] = {}  # which processes serve it (the host sets them)
         # responses and history
         self.response: _Response | None = None
         self._pending_response = False  # a response is owed once the active one ends
@@ -1366,6 +1367,12 @@ class SessionActor:
             chunk_results=self.chunk_results,
             dropped_stale=self.dropped_stale,
             responses=self.responses,
+            stage0=self.stage_names.get(Role.STAGE0, ""),
+            stage1=self.stage_names.get(Role.STAGE1, ""),
+            chunks_lost=self.chunks_lost,
+            backchannels=self.backchannels,
+            barge_ins=self.barge_ins,
+            stage_errors=self.stage_errors,
         )
 
 

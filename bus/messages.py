@@ -203,8 +203,12 @@ class SessionSnapshot(msgspec.Struct, frozen=True, omit_defaults=True):
     chunk_results: int = 0
     dropped_stale: int = 0
     responses: int = 0
-    stage0: str = ""
+    stage0: str = ""  # identity of the stage0 / stage1 process serving the session
     stage1: str = ""
+    chunks_lost: int = 0  # sent to a stage0 that died before answering
+    backchannels: int = 0
+    barge_ins: int = 0
+    stage_errors: int = 0
 
 
 class RoleStatus(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -94,6 +94,11 @@ async def test_every_turn_mode_and_overlap_knob_is_settable(native_server: Serve
     await c.send({"type": "session.get", "event_id": "evt_get"})
     snap = await c.wait_for("session.snapshot", start=snap_n)
     assert snap["snapshot"]["turn_mode"] == "manual" and snap["client_event_id"] == "evt_get"
+    # It names the processes serving the session (the ones /health lists).
+    _, health = await asyncio.to_thread(native_server.health)
+    pids = {r["role"]: r["identity"] for r in health["roles"]}
+    assert (snap["snapshot"]["stage0"], snap["snapshot"]["stage1"]) == (pids["stage0"], pids["stage1"])
+    assert snap["snapshot"]["barge_ins"] == 0 and snap["snapshot"]["chunks_lost"] == 0
 
     # Bad settings are rejected as a whole: an error event, nothing changed, session alive.
     for bad, param in [
