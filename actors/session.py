@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from duplexd.actors.conversation import Conversation
+from duplexd.actors.input_buffer import InputBuffer
 from duplexd.actors.transcript import Segment, cut_text, full_text
 from duplexd.actors.vad import SpeechDetector, make_detector
 from duplexd.bus.messages import (
@@ -46,7 +48,6 @@ from duplexd.bus.messages import (
     EpochAdvance,
     ErrorEvent,
     Handoff,
-    HistoryEntry,
     IdleTimeout,
     InputClear,
     InputCleared,
@@ -126,7 +127,6 @@ class HostSettings:
 # silence the detector has ruled out is not kept for 15 minutes.
 _VAD_KEEP_SLACK_MS = 1000
 _VAD_TRIM_AFTER_MS = 5000
-_AUDIO_PARTS = ("output_audio", "audio", "input_audio")
 
 
 @dataclass(slots=True)
@@ -228,9 +228,7 @@ class SessionActor:
         self.closed = False
         # input
         self.input_ms = 0.0  # stream position: ms of input audio received
-        self._buffer: list[np.ndarray] = []
-        self._buffer_samples = 0
-        self._buffer_start_ms = 0.0
+        self._buffer = InputBuffer(engine.input_rate)
         self._live = np.zeros(0, dtype=np.float32)  # duplex: partial chunk
         self._live_chunks = 0  # duplex chunks sent (force_listen_count)
         self._detector = detector
@@ -253,9 +251,7 @@ class SessionActor:
         self.response: _Response | None = None
         self._pending_response = False  # a response is owed once the active one ends
         self._deferred_speaks: list[Stage0Result] = []
-        self.history: list[Item] = []
-        self._alignments: dict[str, list[Segment]] = {}
-        self._generated: dict[str, int] = {}  # assistant item id -> ms generated
+        self.conversation = Conversation()
         self.cursor = _Cursor()
         self._play_end_at = 0.0
         # client command order (cancel fences)
@@ -309,8 +305,13 @@ class SessionActor:
         return self.engine.chunk_samples * 1000 / self.engine.input_rate
 
     @property
+    def history(self) -> list[Item]:
+        """The committed conversation, in order."""
+        return self.conversation.items
+
+    @property
     def last_item_id(self) -> str | None:
-        return self.history[-1].id if self.history else None
+        return self.conversation.last_id
 
     @property
     def outstanding(self) -> int:
@@ -418,7 +419,7 @@ class SessionActor:
             case ItemDelete(item_id=iid, event_id=eid):
                 self._item_delete(iid, eid)
             case ItemRetrieve(item_id=iid, event_id=eid):
-                item = self._find(iid)
+                item = self.conversation.find(iid)
                 if item is None:
                     self._error("item_not_found", f"no item {iid!r} in the conversation", eid, param="item_id")
                 else:
@@ -439,17 +440,14 @@ class SessionActor:
             self.input_ms += dur
             self._feed_live(pcm)
             return
-        if self._buffer_ms() + dur > self.settings.max_input_buffer_ms:
+        if self._buffer.ms + dur > self.settings.max_input_buffer_ms:
             # Dropped whole: the stream position does not move, so VAD positions stay true.
             self._error(
                 "input_audio_buffer_full",
                 f"input buffer would exceed {self.settings.max_input_buffer_ms} ms; commit or clear it",
             )
             return
-        if not self._buffer:
-            self._buffer_start_ms = self.input_ms
-        self._buffer.append(pcm)
-        self._buffer_samples += pcm.size
+        self._buffer.append(pcm, self.input_ms)
         self.input_ms += dur
         d = self._detector
         if mode == TurnMode.SERVER_VAD and d is not None:
@@ -461,29 +459,21 @@ class SessionActor:
             self._overlap_progress(now)
             self._trim_buffer()
 
-    def _buffer_ms(self) -> float:
-        return self._buffer_samples * 1000 / self.engine.input_rate
-
     def _trim_buffer(self) -> None:
         """Server VAD only commits from a speech start: drop old silence it ruled out."""
         d = self._detector
         if (
-            self._buffer_ms() < min(_VAD_TRIM_AFTER_MS, self.settings.max_input_buffer_ms / 2)
+            self._buffer.ms < min(_VAD_TRIM_AFTER_MS, self.settings.max_input_buffer_ms / 2)
             or (d is not None and d.speaking)
             or self._speech_item is not None
             or self._overlap is not None
         ):
             return
         keep = int((self.config.vad.prefix_padding_ms + _VAD_KEEP_SLACK_MS) * self.engine.input_rate / 1000)
-        pcm = np.concatenate(self._buffer)[-keep:] if keep > 0 else np.zeros(0, np.float32)
-        self._buffer = [pcm] if pcm.size else []
-        self._buffer_samples = pcm.size
-        self._buffer_start_ms = self.input_ms - pcm.size * 1000 / self.engine.input_rate
+        self._buffer.keep_tail(keep, self.input_ms)
 
     def _drop_buffer(self) -> None:
-        self._buffer.clear()
-        self._buffer_samples = 0
-        self._buffer_start_ms = self.input_ms
+        self._buffer.drop(self.input_ms)
 
     def _clear_input(self) -> None:
         self._drop_buffer()
@@ -505,7 +495,7 @@ class SessionActor:
 
     def _announce_speech(self, at_ms: float) -> None:
         self._speech_item = self._new_id("item")
-        start = max(self._buffer_start_ms, at_ms - self.config.vad.prefix_padding_ms)
+        start = max(self._buffer.start_ms, at_ms - self.config.vad.prefix_padding_ms)
         self._event(SpeechStarted(self.session_id, self.epoch, self._speech_item, int(start)))
 
     def _overlap_progress(self, now: float) -> None:
@@ -567,24 +557,21 @@ class SessionActor:
         start_ms: float | None = None,
         allow_empty: bool = False,
     ) -> bool:
-        if not self._buffer_samples and not allow_empty:
+        if not self._buffer.samples and not allow_empty:
             if explicit:
                 msg = "cannot commit an empty input audio buffer"
                 if self.config.turn_mode == TurnMode.DUPLEX:
                     msg += " (duplex mode streams input to the model; there is nothing to commit)"
                 self._error("input_audio_buffer_commit_empty", msg, event_id)
             return False
-        pcm = np.concatenate(self._buffer) if self._buffer else np.zeros(0, np.float32)
-        if start_ms is not None:
-            # Server VAD commits from the speech start minus the prefix padding.
-            skip_ms = max(0.0, start_ms - self.config.vad.prefix_padding_ms - self._buffer_start_ms)
-            pcm = pcm[int(skip_ms * self.engine.input_rate / 1000) :]
-        self._drop_buffer()
+        # Server VAD commits from the speech start minus the prefix padding.
+        pcm = self._buffer.take(
+            None if start_ms is None else start_ms - self.config.vad.prefix_padding_ms, self.input_ms
+        )
         item_id = item_id or self._new_id("item")
-        prev = self.last_item_id
         audio_ms = pcm_ms(pcm.size, self.engine.input_rate)
         item = Item(id=item_id, role="user", content=(ContentPart(type="input_audio"),), audio_ms=audio_ms)
-        self.history.append(item)
+        prev = self.conversation.append(item)
         self._awaiting_reply = True
         self._event(InputCommitted(self.session_id, self.epoch, item_id, prev))
         self._event(ItemAdded(self.session_id, self.epoch, item, prev))
@@ -659,7 +646,7 @@ class SessionActor:
         if r.in_history:
             # The item takes its place in the conversation now (Realtime: output_item.added),
             # so user turns committed while it plays come after it.
-            self.history.append(item)
+            self.conversation.append(item)
         self._send_context(opts.instructions)
         self._event(ResponseCreated(self.session_id, self.epoch, self._info(r, ResponseStatus.IN_PROGRESS), item))
         if self.config.turn_mode != TurnMode.DUPLEX:
@@ -699,11 +686,14 @@ class SessionActor:
         )
 
     def _send_context(self, instructions: str | None = None) -> None:
-        # The assistant item in progress is the model's own output: not context yet.
-        entries = tuple(HistoryEntry(i.role, _item_text(i)) for i in self.history if i.status != "in_progress")
         self._emit(
             Dest.STAGE0,
-            ContextUpdate(self.session_id, self.epoch, entries, instructions=instructions or self.config.instructions),
+            ContextUpdate(
+                self.session_id,
+                self.epoch,
+                self.conversation.context(),
+                instructions=instructions or self.config.instructions,
+            ),
         )
 
     def _continuation(self, now: float) -> None:
@@ -771,8 +761,7 @@ class SessionActor:
             if r.truncated_ms is not None:
                 committed = min(committed, r.truncated_ms)
             transcript = full if committed >= r.generated_ms else cut_text(r.segments, committed)
-            self._alignments[r.item_id] = r.segments
-            self._generated[r.item_id] = r.generated_ms
+            self.conversation.record_audio(r.item_id, r.segments, r.generated_ms)
             self.cursor = _Cursor(r.item_id, r.generated_ms, r.sent_ms, played, committed if r.in_history else 0)
             if status in (ResponseStatus.CANCELLED, ResponseStatus.FAILED):
                 # The epoch advance told the client to flush: nothing of it plays on.
@@ -783,11 +772,8 @@ class SessionActor:
         else:
             full = transcript = "".join(r.text)
             item = self._assistant_item(r, item_status, transcript)
-        if r.in_history:
-            idx = next((i for i, it in enumerate(self.history) if it.id == r.item_id), None)
-            if idx is not None:  # not deleted by the client meanwhile
-                self.history[idx] = item
-                self._send_context()
+        if r.in_history and self.conversation.replace(item):  # (unless the client deleted it meanwhile)
+            self._send_context()
         self._event(ItemDone(self.session_id, self.epoch, item, r.previous_item_id))
         self.done_events += 1
         self._event(
@@ -965,17 +951,14 @@ class SessionActor:
         if c.kind == ChunkKind.LIVE:
             # Duplex: the model heard a user turn; it enters history as its own user item.
             item_id = self._new_id("item")
-            prev = self.last_item_id
             item = Item(id=item_id, role="user", content=(ContentPart(type="input_audio", transcript=transcript),))
-            self.history.append(item)
+            prev = self.conversation.append(item)
             self._event(ItemAdded(self.session_id, self.epoch, item, prev))
             self._event(ItemDone(self.session_id, self.epoch, item, prev))
         else:
             item_id = c.item_id
-            idx = next((i for i, it in enumerate(self.history) if it.id == item_id), None)
-            if idx is None:
+            if not self.conversation.set_transcript(item_id, transcript):
                 return  # the client deleted the item meanwhile
-            self.history[idx] = _with_transcript(self.history[idx], transcript)
         self._event(InputTranscript(self.session_id, self.epoch, item_id, transcript))
 
     def _on_speak(self, res: Stage0Result, now: float) -> None:
@@ -1168,7 +1151,7 @@ class SessionActor:
     def _ack(self, msg: PlaybackAck) -> None:
         r = self.response
         active = r is not None and r.item_id == msg.item_id
-        gen = r.generated_ms if r is not None and active else self._generated.get(msg.item_id)
+        gen = r.generated_ms if r is not None and active else self.conversation.generated_ms(msg.item_id)
         if gen is None:
             self._error("item_not_found", f"no assistant audio item {msg.item_id!r}", msg.event_id, param="item_id")
             return
@@ -1177,10 +1160,10 @@ class SessionActor:
         if c.item_id == msg.item_id:
             played = c.played_ms = max(played, c.played_ms)
         if not active and self.config.commit_policy == CommitPolicy.ACK_ONLY:
-            item = self._find(msg.item_id)
+            item = self.conversation.find(msg.item_id)
             if item is not None and item.role == "assistant":
                 if played > item.audio_ms:  # acks never shrink history (truncate does)
-                    self._rewrite_assistant(msg.item_id, played)
+                    self._cut_assistant(msg.item_id, played)
                 played = max(played, item.audio_ms)
                 if c.item_id == msg.item_id:
                     c.committed_ms = played
@@ -1190,26 +1173,12 @@ class SessionActor:
             )
         )
 
-    def _rewrite_assistant(self, item_id: str, ms: int) -> bool:
-        idx = next((i for i, it in enumerate(self.history) if it.id == item_id and it.role == "assistant"), None)
-        if idx is None:
-            return False
-        it = self.history[idx]
-        segments = self._alignments.get(item_id)
-        if segments is None:
-            content = it.content  # a client-made item: no alignment, its words stay as given
-        else:
-            text = cut_text(segments, ms)
-            content = tuple(
-                ContentPart(type=p.type, text=p.text, transcript=text) if p.type in _AUDIO_PARTS else p
-                for p in it.content
-            ) or (ContentPart(type="output_audio", transcript=text),)
-        self.history[idx] = Item(id=it.id, role=it.role, type=it.type, status=it.status, content=content, audio_ms=ms)
-        self._send_context()
-        return True
+    def _cut_assistant(self, item_id: str, ms: int) -> None:
+        if self.conversation.cut_assistant(item_id, ms):
+            self._send_context()
 
     def _truncate(self, msg: ItemTruncate) -> None:
-        item = self._find(msg.item_id)
+        item = self.conversation.find(msg.item_id)
         if item is None or item.role != "assistant":
             self._error(
                 "item_not_found", f"no assistant item {msg.item_id!r} to truncate", msg.event_id, param="item_id"
@@ -1217,7 +1186,8 @@ class SessionActor:
             return
         r = self.response
         active = r is not None and r.item_id == msg.item_id
-        gen = r.generated_ms if r is not None and active else self._generated.get(msg.item_id, item.audio_ms)
+        gen = r.generated_ms if r is not None and active else self.conversation.generated_ms(msg.item_id)
+        gen = item.audio_ms if gen is None else gen
         if msg.content_index != 0:
             self._error("invalid_value", "content_index must be 0", msg.event_id, param="content_index")
             return
@@ -1236,15 +1206,12 @@ class SessionActor:
             if c.item_id == msg.item_id:
                 c.played_ms = msg.audio_end_ms
         else:
-            self._rewrite_assistant(msg.item_id, msg.audio_end_ms)
+            self._cut_assistant(msg.item_id, msg.audio_end_ms)
             if c.item_id == msg.item_id:
                 c.played_ms = c.committed_ms = msg.audio_end_ms
         self._event(
             ItemTruncated(self.session_id, self.epoch, msg.item_id, msg.audio_end_ms, msg.content_index, msg.event_id)
         )
-
-    def _find(self, item_id: str) -> Item | None:
-        return next((it for it in self.history if it.id == item_id), None)
 
     def _item_create(self, msg: ItemCreate) -> None:
         item = msg.item
@@ -1256,38 +1223,31 @@ class SessionActor:
                 param="item.role",
             )
             return
-        if self._find(item.id) is not None or (self.response is not None and self.response.item_id == item.id):
+        if self.conversation.find(item.id) is not None or (
+            self.response is not None and self.response.item_id == item.id
+        ):
             self._error("item_already_exists", f"item {item.id!r} already exists", msg.event_id, param="item.id")
             return
         if item.status == "in_progress":
             item = Item(id=item.id, role=item.role, type=item.type, content=item.content, audio_ms=item.audio_ms)
-        if msg.previous_item_id is None:
-            pos = len(self.history)
-        elif msg.previous_item_id == "root":
-            pos = 0
-        else:
-            idx = next((i for i, it in enumerate(self.history) if it.id == msg.previous_item_id), None)
-            if idx is None:
-                self._error(
-                    "item_not_found",
-                    f"previous_item_id {msg.previous_item_id!r} not found",
-                    msg.event_id,
-                    param="previous_item_id",
-                )
-                return
-            pos = idx + 1
-        prev = self.history[pos - 1].id if pos > 0 else None
-        self.history.insert(pos, item)
+        try:
+            prev = self.conversation.insert(item, msg.previous_item_id)
+        except KeyError:
+            self._error(
+                "item_not_found",
+                f"previous_item_id {msg.previous_item_id!r} not found",
+                msg.event_id,
+                param="previous_item_id",
+            )
+            return
         self._event(ItemAdded(self.session_id, self.epoch, item, prev))
         self._event(ItemDone(self.session_id, self.epoch, item, prev))
         self._send_context()
 
     def _item_delete(self, item_id: str, event_id: str) -> None:
-        idx = next((i for i, it in enumerate(self.history) if it.id == item_id), None)
-        if idx is None:
+        if not self.conversation.delete(item_id):
             self._error("item_not_found", f"no item {item_id!r} in the conversation", event_id, param="item_id")
             return
-        del self.history[idx]
         r = self.response
         if r is not None and r.item_id == item_id:
             r.in_history = False  # the response plays on, out of the conversation
@@ -1321,7 +1281,7 @@ class SessionActor:
             return
         self._idle_fired = True
         item = self._new_id("item")
-        start, end = int(self._buffer_start_ms), int(self.input_ms)
+        start, end = int(self._buffer.start_ms), int(self.input_ms)
         self._event(IdleTimeout(self.session_id, self.epoch, item, start, end))
         # Realtime commits the buffer even if empty, then asks the model to respond.
         self._commit(now, "", explicit=False, item_id=item, allow_empty=True)
@@ -1362,7 +1322,7 @@ class SessionActor:
             response=info,
             cursor=self.cursor.view(),
             history=tuple(self.history),
-            input_buffer_ms=int(self._buffer_ms()),
+            input_buffer_ms=int(self._buffer.ms),
             chunks_sent=self.chunks_sent,
             chunk_results=self.chunk_results,
             dropped_stale=self.dropped_stale,
@@ -1374,20 +1334,3 @@ class SessionActor:
             barge_ins=self.barge_ins,
             stage_errors=self.stage_errors,
         )
-
-
-def _item_text(item: Item) -> str:
-    for part in item.content:
-        if part.transcript:
-            return part.transcript
-        if part.text:
-            return part.text
-    return ""
-
-
-def _with_transcript(item: Item, transcript: str) -> Item:
-    parts = tuple(
-        ContentPart(type=p.type, text=p.text, transcript=transcript) if p.type == "input_audio" else p
-        for p in item.content
-    )
-    return Item(id=item.id, role=item.role, type=item.type, status=item.status, content=parts, audio_ms=item.audio_ms)
