@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import numpy as np
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -63,7 +62,7 @@ from duplexd.adapters.audio import (
 )
 from duplexd.adapters.http import json_response
 from duplexd.adapters.link import HostLink, SessionLink, SessionUnavailable
-from duplexd.adapters.server import ServerSettings, load_api_keys
+from duplexd.adapters.server import ServerSettings, load_api_keys, request_authorized, serve_ws
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     Action,
@@ -219,14 +218,7 @@ class BridgeServer:
         }
 
     def authorized(self, request: Request) -> bool:
-        if not self.api_keys:
-            return True
-        offered: list[str] = []
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            offered.append(auth[7:].strip())
-        offered += parse_qs(urlsplit(request.path).query).get("api_key", [])
-        return any(hmac.compare_digest(o, k) for o in offered for k in self.api_keys)
+        return request_authorized(request, self.api_keys)
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path.rstrip("/") or "/"
@@ -274,17 +266,7 @@ class BridgeServer:
 
     async def start(self) -> None:
         s = self.settings
-        self._server = await serve(
-            self.handle,
-            s.host,
-            s.bridge_port,
-            process_request=self.process_request,
-            max_size=s.max_message_bytes,
-            max_queue=64,
-            compression=None,
-            ping_interval=20,
-            ping_timeout=20,
-        )
+        self._server = await serve_ws(self.handle, s.host, s.bridge_port, s, self.process_request)
         self.bound_port = next(iter(self._server.sockets)).getsockname()[1]
         log(_log, logging.INFO, "demo bridge listening", host=s.host, port=self.bound_port)
 

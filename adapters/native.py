@@ -28,16 +28,13 @@ from typing import Any
 import msgspec
 
 from duplexd.adapters.audio import SUPPORTED_RATES, AudioFormat, b64decode, b64encode, encode
-from duplexd.adapters.protocol import ClientError, ProtocolHandler, merge_config
+from duplexd.adapters.protocol import ClientError, ProtocolHandler, input_buffer_event, merge_config
 from duplexd.bus.messages import (
     Action,
     AudioOut,
     Decision,
     EpochAdvance,
     ErrorEvent,
-    IdleTimeout,
-    InputCleared,
-    InputCommitted,
     InputTranscript,
     Item,
     ItemAdded,
@@ -54,8 +51,6 @@ from duplexd.bus.messages import (
     SessionOpened,
     SessionUpdated,
     Snapshot,
-    SpeechStarted,
-    SpeechStopped,
     TextOut,
     TurnMode,
 )
@@ -328,6 +323,10 @@ class NativeHandler(ProtocolHandler):
     # ------------------------------------------------------------------ server → client
     async def on_event(self, msg: Any) -> None:
         self.epoch = max(self.epoch, getattr(msg, "epoch", 0))
+        payload = input_buffer_event(msg)
+        if payload is not None:
+            await self.send_json(payload)
+            return
         match msg:
             case AudioOut():
                 await self._audio(msg)
@@ -351,41 +350,6 @@ class NativeHandler(ProtocolHandler):
             case SessionUpdated(event_id=eid):
                 await self.send_json(
                     {"type": "session.updated", "session": self.session_object(), "client_event_id": eid or None}
-                )
-            case SpeechStarted():
-                await self.send_json(
-                    {
-                        "type": "input_audio_buffer.speech_started",
-                        "item_id": msg.item_id,
-                        "audio_start_ms": msg.audio_start_ms,
-                    }
-                )
-            case SpeechStopped():
-                await self.send_json(
-                    {
-                        "type": "input_audio_buffer.speech_stopped",
-                        "item_id": msg.item_id,
-                        "audio_end_ms": msg.audio_end_ms,
-                    }
-                )
-            case InputCommitted():
-                await self.send_json(
-                    {
-                        "type": "input_audio_buffer.committed",
-                        "item_id": msg.item_id,
-                        "previous_item_id": msg.previous_item_id,
-                    }
-                )
-            case InputCleared():
-                await self.send_json({"type": "input_audio_buffer.cleared"})
-            case IdleTimeout():
-                await self.send_json(
-                    {
-                        "type": "input_audio_buffer.timeout_triggered",
-                        "item_id": msg.item_id,
-                        "audio_start_ms": msg.audio_start_ms,
-                        "audio_end_ms": msg.audio_end_ms,
-                    }
                 )
             case ItemAdded():
                 await self.send_json(

@@ -24,7 +24,18 @@ from websockets.exceptions import ConnectionClosed
 from duplexd.adapters.audio import AudioFormat, AudioFormatError, InputResampler, decode
 from duplexd.adapters.link import SessionLink, SessionUnavailable
 from duplexd.bus.log import get_logger, log
-from duplexd.bus.messages import ErrorEvent, ResponseCreated, ResponseDone, SessionClosed, SessionConfig
+from duplexd.bus.messages import (
+    ErrorEvent,
+    IdleTimeout,
+    InputCleared,
+    InputCommitted,
+    ResponseCreated,
+    ResponseDone,
+    SessionClosed,
+    SessionConfig,
+    SpeechStarted,
+    SpeechStopped,
+)
 from duplexd.bus.metrics import CLIENT_ERRORS, CONNECTIONS
 from duplexd.bus.sockets import Backpressure
 
@@ -149,8 +160,13 @@ class ProtocolHandler(abc.ABC):
             await self.send_error("session_unavailable", str(exc), "server_error", "", event_id)
         except Backpressure:
             # The bus queue toward the host is full: say so instead of buffering without bound.
-            await self.send_error("overloaded", "the server is overloaded; this event was dropped, retry later",
-                                  "server_error", "", event_id)
+            await self.send_error(
+                "overloaded",
+                "the server is overloaded; this event was dropped, retry later",
+                "server_error",
+                "",
+                event_id,
+            )
         except ConnectionClosed:
             raise
         except Exception as exc:  # a bug of ours: report it, keep the connection
@@ -225,6 +241,40 @@ class ProtocolHandler(abc.ABC):
             tail = self._resampler.flush()
             if tail.size:
                 self.session.audio(tail.astype(np.float32, copy=False))
+
+
+def input_buffer_event(msg: Any) -> dict[str, Any] | None:
+    """The ``input_audio_buffer.*`` server events, named and shaped alike in the Realtime
+    and the native protocol; None for any other bus event."""
+    match msg:
+        case SpeechStarted():
+            return {
+                "type": "input_audio_buffer.speech_started",
+                "item_id": msg.item_id,
+                "audio_start_ms": msg.audio_start_ms,
+            }
+        case SpeechStopped():
+            return {
+                "type": "input_audio_buffer.speech_stopped",
+                "item_id": msg.item_id,
+                "audio_end_ms": msg.audio_end_ms,
+            }
+        case InputCommitted():
+            return {
+                "type": "input_audio_buffer.committed",
+                "item_id": msg.item_id,
+                "previous_item_id": msg.previous_item_id,
+            }
+        case InputCleared():
+            return {"type": "input_audio_buffer.cleared"}
+        case IdleTimeout():
+            return {
+                "type": "input_audio_buffer.timeout_triggered",
+                "item_id": msg.item_id,
+                "audio_start_ms": msg.audio_start_ms,
+                "audio_end_ms": msg.audio_end_ms,
+            }
+    return None
 
 
 def msg_reason(msg: Any) -> str:

@@ -39,7 +39,7 @@ from duplexd.adapters.audio import (
     b64encode,
     encode,
 )
-from duplexd.adapters.protocol import ClientError, ProtocolHandler
+from duplexd.adapters.protocol import ClientError, ProtocolHandler, input_buffer_event
 from duplexd.adapters.realtime_events import BETA_NAMES, GA_NAMES, render_response
 from duplexd.adapters.realtime_session import (
     apply_update,
@@ -53,9 +53,6 @@ from duplexd.adapters.realtime_session import (
 from duplexd.bus.messages import (
     AudioOut,
     ErrorEvent,
-    IdleTimeout,
-    InputCleared,
-    InputCommitted,
     InputTranscript,
     Item,
     ItemAdded,
@@ -69,8 +66,6 @@ from duplexd.bus.messages import (
     ResponseStatus,
     SessionOpened,
     SessionUpdated,
-    SpeechStarted,
-    SpeechStopped,
     TextOut,
     TurnMode,
 )
@@ -271,6 +266,10 @@ class RealtimeHandler(ProtocolHandler):
 
     # ------------------------------------------------------------------ server → client
     async def on_event(self, msg: Any) -> None:
+        payload = input_buffer_event(msg)
+        if payload is not None:
+            await self.send_json(payload)
+            return
         match msg:
             case AudioOut():
                 await self._audio(msg)
@@ -286,41 +285,6 @@ class RealtimeHandler(ProtocolHandler):
                 )
             case SessionUpdated():
                 await self.send_json({"type": "session.updated", "session": self.session_object()})
-            case SpeechStarted():
-                await self.send_json(
-                    {
-                        "type": "input_audio_buffer.speech_started",
-                        "audio_start_ms": msg.audio_start_ms,
-                        "item_id": msg.item_id,
-                    }
-                )
-            case SpeechStopped():
-                await self.send_json(
-                    {
-                        "type": "input_audio_buffer.speech_stopped",
-                        "audio_end_ms": msg.audio_end_ms,
-                        "item_id": msg.item_id,
-                    }
-                )
-            case InputCommitted():
-                await self.send_json(
-                    {
-                        "type": "input_audio_buffer.committed",
-                        "previous_item_id": msg.previous_item_id,
-                        "item_id": msg.item_id,
-                    }
-                )
-            case InputCleared():
-                await self.send_json({"type": "input_audio_buffer.cleared"})
-            case IdleTimeout():
-                await self.send_json(
-                    {
-                        "type": "input_audio_buffer.timeout_triggered",
-                        "item_id": msg.item_id,
-                        "audio_start_ms": msg.audio_start_ms,
-                        "audio_end_ms": msg.audio_end_ms,
-                    }
-                )
             case ItemAdded():
                 await self._item_added(msg.item, msg.previous_item_id)
             case ItemDone():

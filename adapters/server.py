@@ -74,6 +74,47 @@ def check_bind(settings: ServerSettings) -> None:
         )
 
 
+def request_authorized(request: Request, api_keys: list[str]) -> bool:
+    """Whether the request carries one of ``api_keys`` (always, when there are none):
+    ``Authorization: Bearer KEY``, the browser subprotocol ``openai-insecure-api-key.KEY``,
+    or ``?api_key=KEY``."""
+    if not api_keys:
+        return True
+    offered: list[str] = []
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        offered.append(auth[7:].strip())
+    for proto in request.headers.get_all("Sec-WebSocket-Protocol"):
+        for p in (x.strip() for x in proto.split(",")):
+            if p.startswith("openai-insecure-api-key."):
+                offered.append(p.removeprefix("openai-insecure-api-key."))
+    offered += parse_qs(urlsplit(request.path).query).get("api_key", [])
+    return any(hmac.compare_digest(o, k) for o in offered for k in api_keys)
+
+
+async def serve_ws(
+    handler: Callable[[ServerConnection], Any],
+    host: str,
+    port: int,
+    settings: ServerSettings,
+    process_request: Callable[[ServerConnection, Request], Any],
+    select_subprotocol: Callable[[ServerConnection, Any], Any] | None = None,
+) -> Server:
+    """A websockets server with the adapter's limits, shared by every listener."""
+    return await serve(
+        handler,
+        host,
+        port,
+        process_request=process_request,
+        select_subprotocol=select_subprotocol,
+        max_size=settings.max_message_bytes,
+        max_queue=64,
+        compression=None,  # audio does not deflate; compression only adds latency
+        ping_interval=20,
+        ping_timeout=20,
+    )
+
+
 class AdapterServer:
     """Serves the websocket protocols over a :class:`HostLink`."""
 
@@ -105,18 +146,7 @@ class AdapterServer:
 
     # ------------------------------------------------------------------ HTTP
     def authorized(self, request: Request) -> bool:
-        if not self.api_keys:
-            return True
-        offered: list[str] = []
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            offered.append(auth[7:].strip())
-        for proto in request.headers.get_all("Sec-WebSocket-Protocol"):
-            for p in (x.strip() for x in proto.split(",")):
-                if p.startswith("openai-insecure-api-key."):
-                    offered.append(p.removeprefix("openai-insecure-api-key."))
-        offered += parse_qs(urlsplit(request.path).query).get("api_key", [])
-        return any(hmac.compare_digest(o, k) for o in offered for k in self.api_keys)
+        return request_authorized(request, self.api_keys)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         status = self.link.status
@@ -201,20 +231,10 @@ class AdapterServer:
 
     async def start(self) -> None:
         s = self.settings
-        self._server = await serve(
-            self.handle,
-            s.host,
-            s.port,
-            process_request=self.process_request,
-            select_subprotocol=self.select_subprotocol,
-            max_size=s.max_message_bytes,
-            max_queue=64,
-            compression=None,  # audio does not deflate; compression only adds latency
-            ping_interval=20,
-            ping_timeout=20,
+        self._server = await serve_ws(
+            self.handle, s.host, s.port, s, self.process_request, select_subprotocol=self.select_subprotocol
         )
-        sock = next(iter(self._server.sockets))
-        self.bound_port = sock.getsockname()[1]
+        self.bound_port = next(iter(self._server.sockets)).getsockname()[1]
         log(_log, logging.INFO, "adapter listening", host=s.host, port=self.bound_port)
 
     async def drain(self, timeout_s: float | None = None) -> None:

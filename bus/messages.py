@@ -700,55 +700,6 @@ ControlMessage = (
     | Drain
 )
 
-# Hello travels on the data plane too: the host learns the peer's data route from it.
-DataMessage = (
-    Hello
-    | AudioIn
-    | InputCommit
-    | InputClear
-    | ResponseCreate
-    | SessionUpdate
-    | PlaybackAck
-    | ItemTruncate
-    | ItemCreate
-    | ItemDelete
-    | ItemRetrieve
-    | SnapshotRequest
-    | ContextUpdate
-    | AudioChunk
-    | Stage0Result
-    | Handoff
-    | AudioOut
-    | SessionOpened
-    | SessionClosed
-    | SessionUpdated
-    | SpeechStarted
-    | SpeechStopped
-    | InputCommitted
-    | InputCleared
-    | IdleTimeout
-    | ItemAdded
-    | ItemDone
-    | InputTranscript
-    | Decision
-    | ResponseCreated
-    | TextOut
-    | ResponseDone
-    | ItemTruncated
-    | ItemDeleted
-    | ItemRetrieved
-    | PlaybackCommitted
-    | Snapshot
-    | ErrorEvent
-)
-
-Message = ControlMessage | DataMessage
-
-Plane = Literal["control", "data"]
-
-CONTROL_TYPES: tuple[type, ...] = ControlMessage.__args__  # type: ignore[attr-defined]
-DATA_TYPES: tuple[type, ...] = DataMessage.__args__  # type: ignore[attr-defined]
-
 # Commands from the adapter that travel in order with the audio on the data plane.
 ClientCommand = (
     AudioIn
@@ -764,7 +715,10 @@ ClientCommand = (
     | SnapshotRequest
 )
 
-# Events from the host to the adapter (data plane, in order).
+# Between the host and the stages (data plane).
+StageData = ContextUpdate | AudioChunk | Stage0Result | Handoff | AudioOut
+
+# Events from the host to the adapter (data plane, in order; AudioOut is forwarded as is).
 SessionEvent = (
     SessionOpened
     | SessionClosed
@@ -790,11 +744,17 @@ SessionEvent = (
     | ErrorEvent
 )
 
+# Hello travels on the data plane too: the host learns the peer's data route from it.
+DataMessage = Hello | ClientCommand | StageData | SessionEvent
+
+Message = ControlMessage | DataMessage
+
+Plane = Literal["control", "data"]
+
+CONTROL_TYPES: tuple[type, ...] = ControlMessage.__args__  # type: ignore[attr-defined]
+DATA_TYPES: tuple[type, ...] = DataMessage.__args__  # type: ignore[attr-defined]
 
 def pcm_ms(samples: int, rate: int) -> int:
     """Duration in whole milliseconds of ``samples`` at ``rate``."""
     return samples * 1000 // rate
 
-
-def empty_pcm() -> np.ndarray:
-    return np.zeros(0, dtype=np.int16)

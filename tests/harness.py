@@ -182,14 +182,60 @@ class AudioFrame:
         return decode_chunk(self.pcm)
 
 
-class NativeClient:
+class EventLog:
+    """Every event a client connection received, in order, and waiting for one."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.closed = False
+        self._cond = asyncio.Condition()
+
+    async def add(self, event: dict[str, Any]) -> None:
+        async with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    async def mark_closed(self) -> None:
+        async with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def of(self, etype: str, start: int = 0) -> list[dict[str, Any]]:
+        return [e for e in self.events[start:] if e["type"] == etype]
+
+    def types(self, start: int = 0) -> list[str]:
+        return [e["type"] for e in self.events[start:]]
+
+    async def wait_for(
+        self, what: str | Callable[[dict[str, Any]], bool], within_s: float = 15.0, start: int = 0
+    ) -> dict[str, Any]:
+        """The first event from index ``start`` on that is of type ``what`` (or matches it)."""
+        pred = (lambda e: e["type"] == what) if isinstance(what, str) else what
+        try:
+            async with asyncio.timeout(within_s), self._cond:
+                while True:
+                    for e in self.events[start:]:
+                        if pred(e):
+                            return e
+                    if self.closed:
+                        raise ConnectionError(f"closed while waiting for {what}: {self.types(start)[-8:]}")
+                    await self._cond.wait()
+        except TimeoutError:
+            tail = [e if e["type"] == "error" else e["type"] for e in self.events[start:]][-8:]
+            raise AssertionError(f"no {what} within {within_s} s; events since: {tail}") from None
+
+    async def wait_closed(self, within_s: float = 15.0) -> None:
+        async with asyncio.timeout(within_s), self._cond:
+            await self._cond.wait_for(lambda: self.closed)
+
+
+class NativeClient(EventLog):
     """Records everything a ``/v1/duplex`` connection receives."""
 
     def __init__(self, ws: Any) -> None:
+        super().__init__()
         self.ws = ws
-        self.events: list[dict[str, Any]] = []
         self.audio: list[AudioFrame] = []
-        self._cond = asyncio.Condition()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -202,20 +248,16 @@ class NativeClient:
     async def _read(self) -> None:
         try:
             async for frame in self.ws:
-                async with self._cond:
-                    if isinstance(frame, bytes):
-                        header, pcm = unpack_audio_out(frame)
-                        self.audio.append(AudioFrame(header, np.frombuffer(pcm, dtype="<i2"), len(self.events)))
-                        self.events.append({"type": "audio", **header, "bytes": len(pcm)})
-                    else:
-                        self.events.append(json.loads(frame))
-                    self._cond.notify_all()
+                if isinstance(frame, bytes):
+                    header, pcm = unpack_audio_out(frame)
+                    self.audio.append(AudioFrame(header, np.frombuffer(pcm, dtype="<i2"), len(self.events)))
+                    await self.add({"type": "audio", **header, "bytes": len(pcm)})
+                else:
+                    await self.add(json.loads(frame))
         except websockets.ConnectionClosed:
             pass
         finally:
-            async with self._cond:
-                self.events.append({"type": "_closed"})
-                self._cond.notify_all()
+            await self.mark_closed()
 
     async def send(self, event: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(event))
@@ -232,23 +274,6 @@ class NativeClient:
 
     async def append_b64(self, x: np.ndarray) -> None:
         await self.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16(x)).decode()})
-
-    def of(self, etype: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == etype]
-
-    async def wait_for(
-        self, etype: str | Callable[[dict[str, Any]], bool], within_s: float = 15.0, start: int = 0
-    ) -> dict[str, Any]:
-        pred = (lambda e: e["type"] == etype) if isinstance(etype, str) else etype
-        async with asyncio.timeout(within_s):
-            async with self._cond:
-                while True:
-                    for e in self.events[start:]:
-                        if pred(e):
-                            return e
-                    if self.events and self.events[-1]["type"] == "_closed":
-                        raise ConnectionError(f"closed while waiting for {etype}: {self.events[-5:]}")
-                    await self._cond.wait()
 
     async def close(self) -> None:
         await self.ws.close()

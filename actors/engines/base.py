@@ -11,7 +11,9 @@ A vLLM-backed engine slots in behind the same interfaces: ``step`` maps onto one
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -150,3 +152,34 @@ class Talker(abc.ABC):
     @abc.abstractmethod
     def step(self, session_ids: list[str]) -> list[TalkerChunk | None]:
         """Next chunk per session (None if it has nothing ready yet)."""
+
+
+class TalkerTurn(Protocol):
+    key: str  # the response the turn speaks for
+    flushed: bool  # its end-of-turn chunk has been emitted
+
+
+TurnT = TypeVar("TurnT", bound=TalkerTurn)
+
+
+class TurnTalker(Talker, Generic[TurnT]):
+    """A talker that keeps one turn per session: a handoff for another response, or after
+    the last turn flushed, starts a new turn; abort and close drop it."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, TurnT] = {}
+
+    def open_session(self, session_id: str, config: SessionConfig) -> None:
+        pass  # nothing per session until its first handoff
+
+    def close_session(self, session_id: str) -> None:
+        self._turns.pop(session_id, None)
+
+    def abort(self, session_id: str) -> None:
+        self._turns.pop(session_id, None)
+
+    def _turn_for(self, session_id: str, unit: TalkerInput, new: Callable[[], TurnT]) -> TurnT:
+        turn = self._turns.get(session_id)
+        if turn is None or turn.key != unit.turn_key or turn.flushed:
+            turn = self._turns[session_id] = new()
+        return turn

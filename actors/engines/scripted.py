@@ -19,12 +19,12 @@ import msgspec
 import numpy as np
 
 from duplexd.actors.engines.base import (
-    Talker,
     TalkerChunk,
     TalkerInput,
     Thinker,
     ThinkerInput,
     ThinkerOutput,
+    TurnTalker,
 )
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, SessionConfig
 
@@ -168,29 +168,16 @@ class _TalkTurn:
     flushed: bool = False  # emitted the end_of_turn chunk
 
 
-class ScriptedTalker(Talker):
+class ScriptedTalker(TurnTalker[_TalkTurn]):
     """Tone talker: ``reply_ms`` of marked tone per handoff with text."""
 
     def __init__(self, opts: ScriptedOptions) -> None:
+        super().__init__()
         self.opts = opts
         self.output_rate = 24000
-        self._turns: dict[str, _TalkTurn] = {}
-        self._open: set[str] = set()
-
-    def open_session(self, session_id: str, config: SessionConfig) -> None:
-        self._open.add(session_id)
-
-    def close_session(self, session_id: str) -> None:
-        self._open.discard(session_id)
-        self._turns.pop(session_id, None)
-
-    def abort(self, session_id: str) -> None:
-        self._turns.pop(session_id, None)
 
     def feed(self, session_id: str, unit: TalkerInput) -> None:
-        turn = self._turns.get(session_id)
-        if turn is None or turn.key != unit.turn_key or turn.flushed:
-            turn = self._turns[session_id] = _TalkTurn(unit.turn_key, response_tag(unit.turn_key))
+        turn = self._turn_for(session_id, unit, lambda: _TalkTurn(unit.turn_key, response_tag(unit.turn_key)))
         if unit.text:
             self._render(turn, unit.text)
         turn.ended = turn.ended or unit.end_of_turn

@@ -28,7 +28,7 @@ import soxr
 import websockets
 
 from tests.chat_completions_server import ChatScript, chat_server
-from tests.harness import ServerProcess, pcm16, silence
+from tests.harness import EventLog, ServerProcess, pcm16, silence
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")
@@ -59,13 +59,12 @@ def word_errors(ref: list[str], hyp: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------- realtime client
-class RealtimeClient:
+class RealtimeClient(EventLog):
     """Raw-websocket GA Realtime client that records every event with its arrival time."""
 
     def __init__(self, ws: Any) -> None:
+        super().__init__()
         self.ws = ws
-        self.events: list[dict[str, Any]] = []
-        self._cond = asyncio.Condition()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -80,11 +79,11 @@ class RealtimeClient:
             async for frame in self.ws:
                 e = json.loads(frame)
                 e["_t"] = time.monotonic()
-                async with self._cond:
-                    self.events.append(e)
-                    self._cond.notify_all()
+                await self.add(e)
         except websockets.ConnectionClosed:
             pass
+        finally:
+            await self.mark_closed()
 
     async def send(self, event: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(event))
@@ -105,17 +104,7 @@ class RealtimeClient:
     async def wait_for(
         self, what: str | Callable[[dict[str, Any]], bool], within_s: float = 20.0, start: int = 0
     ) -> dict[str, Any]:
-        pred = (lambda e: e["type"] == what) if isinstance(what, str) else what
-        async with asyncio.timeout(within_s):
-            async with self._cond:
-                while True:
-                    for e in self.events[start:]:
-                        if pred(e):
-                            return e
-                    await self._cond.wait()
-
-    def of(self, etype: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == etype]
+        return await super().wait_for(what, within_s, start)  # models need longer than tones
 
     def audio(self, response_id: str) -> np.ndarray:
         chunks = [

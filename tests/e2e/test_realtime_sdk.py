@@ -17,7 +17,7 @@ import json
 import time
 import typing
 import wave
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from openai.types.realtime import RealtimeServerEvent as GAServerEvent
 from pydantic import BaseModel, ValidationError
 
 from duplexd.actors.engines.scripted import decode_chunk, response_tag
-from tests.harness import ServerProcess, frames, pcm16, silence, tone
+from tests.harness import EventLog, ServerProcess, frames, pcm16, silence, tone
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -189,18 +189,16 @@ def check_event(ev: dict[str, Any], beta: bool, strict: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------- client side
-class Recorder:
+class Recorder(EventLog):
     """Reads an SDK realtime connection with ``async for event in conn``; keeps each
     event's JSON (the SDK models keep exactly the fields the server sent)."""
 
     def __init__(self, conn: Any, beta: bool, strict: bool = True) -> None:
+        super().__init__()
         self.conn = conn
         self.beta = beta
         self.strict = strict
-        self.events: list[dict[str, Any]] = []
         self.sdk: list[Any] = []
-        self.closed = False
-        self._cond = asyncio.Condition()
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -211,39 +209,12 @@ class Recorder:
                     if isinstance(event, BaseModel)
                     else event
                 )
-                async with self._cond:
-                    self.events.append(raw)
-                    self.sdk.append(event)
-                    self._cond.notify_all()
+                self.sdk.append(event)
+                await self.add(raw)
         except websockets.ConnectionClosed:
             pass
         finally:
-            async with self._cond:
-                self.closed = True
-                self._cond.notify_all()
-
-    async def wait_for(
-        self, what: str | Callable[[dict[str, Any]], bool], start: int = 0, within_s: float = 15.0
-    ) -> dict[str, Any]:
-        pred = (lambda e: e["type"] == what) if isinstance(what, str) else what
-        try:
-            async with asyncio.timeout(within_s), self._cond:
-                while True:
-                    for e in self.events[start:]:
-                        if pred(e):
-                            return e
-                    if self.closed:
-                        raise ConnectionError(f"closed while waiting for {what}: {self.types()[-8:]}")
-                    await self._cond.wait()
-        except TimeoutError:
-            tail = [e if e["type"] == "error" else e["type"] for e in self.events[start:]][-8:]
-            raise AssertionError(f"no {what} within {within_s} s; events since: {tail}") from None
-
-    def of(self, etype: str, start: int = 0) -> list[dict[str, Any]]:
-        return [e for e in self.events[start:] if e["type"] == etype]
-
-    def types(self, start: int = 0) -> list[str]:
-        return [e["type"] for e in self.events[start:]]
+            await self.mark_closed()
 
     def check_all(self) -> None:
         for e in self.events:

@@ -116,7 +116,7 @@ async def test_host_restart_ends_sessions_cleanly_and_new_sessions_work() -> Non
         os.kill(pid, signal.SIGKILL)
         err = await c.wait_for("error", within_s=10)
         assert err["error"]["code"] == "server_unavailable"
-        await c.wait_for("_closed")
+        await c.wait_closed()
         _wait_new_pid(server, "host", pid)
         c2 = await _manual(server)
         done = await _full_turn(c2)
@@ -150,7 +150,7 @@ async def test_sigterm_drains_active_response_then_exits_zero() -> None:
         server.proc.send_signal(signal.SIGTERM)
         done = await c.wait_for("response.done", within_s=15)
         assert done["response"]["status"] == "completed"  # drained, not cut off
-        await c.wait_for("_closed", within_s=15)
+        await c.wait_closed(within_s=15)
         assert c.ws.close_code == 1001
         assert await asyncio.to_thread(server.proc.wait, 30) == 0
     finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from duplexd.actors.engines.base import Talker, TalkerChunk, TalkerInput
+from duplexd.actors.engines.base import TalkerChunk, TalkerInput, TurnTalker
 from duplexd.actors.engines.cascade.options import CascadeOptions
 from duplexd.actors.engines.cascade.text import (
     split_first_clause,
@@ -26,7 +26,6 @@ from duplexd.actors.engines.cascade.text import (
 )
 from duplexd.actors.engines.cascade.tts import PiperTTS, Speech
 from duplexd.bus.log import get_logger, log
-from duplexd.bus.messages import SessionConfig
 
 _log = get_logger(__name__)
 
@@ -42,15 +41,14 @@ class _Turn:
     started: bool = False  # text arrived for this turn
 
 
-class CascadeTalker(Talker):
+class CascadeTalker(TurnTalker[_Turn]):
     """Piper voice; one turn per session at a time (see module docstring)."""
 
     def __init__(self, opts: CascadeOptions) -> None:
+        super().__init__()
         self.opts = opts
         self.tts = PiperTTS(opts.tts_model, opts.tts_config, opts.tts_threads, opts.tts_length_scale, opts.tts_volume)
         self.output_rate = self.tts.sample_rate
-        self._open: set[str] = set()
-        self._turns: dict[str, _Turn] = {}
 
     def load(self) -> None:
         t0 = time.perf_counter()
@@ -77,20 +75,8 @@ class CascadeTalker(Talker):
     def chunk_samples(self) -> int:
         return max(1, self.output_rate * self.opts.tts_chunk_ms // 1000)
 
-    def open_session(self, session_id: str, config: SessionConfig) -> None:
-        self._open.add(session_id)
-
-    def close_session(self, session_id: str) -> None:
-        self._open.discard(session_id)
-        self._turns.pop(session_id, None)
-
-    def abort(self, session_id: str) -> None:
-        self._turns.pop(session_id, None)
-
     def feed(self, session_id: str, unit: TalkerInput) -> None:
-        turn = self._turns.get(session_id)
-        if turn is None or turn.key != unit.turn_key or turn.flushed:
-            turn = self._turns[session_id] = _Turn(unit.turn_key)
+        turn = self._turn_for(session_id, unit, lambda: _Turn(unit.turn_key))
         if unit.text.strip():
             sentences = split_sentences(unit.text, self.opts.tts_max_sentence_chars)
             if self.opts.tts_first_clause and not turn.started and sentences:
