@@ -161,7 +161,8 @@ class AdapterServer:
             }
         ]
         if status is not None:
-            roles += [msgspec.to_builtins(r) for r in status.roles]
+            # Every role with its protocol version (the wire form omits it when it is the default).
+            roles += [{**msgspec.to_builtins(r), "protocol_version": r.protocol_version} for r in status.roles]
         ok = self.link.ready() and not self.draining
         body = {
             "status": "ok" if ok else ("draining" if self.draining or (status and status.draining) else "starting"),
