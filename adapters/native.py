@@ -220,18 +220,6 @@ class NativeHandler(ProtocolHandler):
         s["epoch"] = self.epoch
         return s
 
-    def error_payload(self, code: str, message: str, type_: str, param: str, event_id: str) -> dict[str, Any]:
-        return {
-            "type": "error",
-            "error": {
-                "type": type_,
-                "code": code,
-                "message": message,
-                "param": param or None,
-                "event_id": event_id or None,
-            },
-        }
-
     async def on_open(self) -> None:
         pass  # greeted on SessionOpened, when the engine format is known
 

@@ -104,9 +104,18 @@ class ProtocolHandler(abc.ABC):
     async def on_event(self, msg: Any) -> None:
         """One bus session event (already epoch-fenced)."""
 
-    @abc.abstractmethod
     def error_payload(self, code: str, message: str, type_: str, param: str, event_id: str) -> dict[str, Any]:
-        """The protocol's error event."""
+        """The error event: Realtime's shape, which the native protocol shares."""
+        return {
+            "type": "error",
+            "error": {
+                "type": type_,
+                "code": code,
+                "message": message,
+                "param": param or None,
+                "event_id": event_id or None,
+            },
+        }
 
     # ------------------------------------------------------------------ plumbing
     def session_id(self) -> str:

@@ -141,18 +141,6 @@ class RealtimeHandler(ProtocolHandler):
         self._internal_ids: dict[str, None] = {}  # cancels sent for output_audio_buffer.clear
 
     # ------------------------------------------------------------------ plumbing
-    def error_payload(self, code: str, message: str, type_: str, param: str, event_id: str) -> dict[str, Any]:
-        return {
-            "type": "error",
-            "error": {
-                "type": type_,
-                "code": code,
-                "message": message,
-                "param": param or None,
-                "event_id": event_id or None,
-            },
-        }
-
     async def on_open(self) -> None:
         pass  # greeted on SessionOpened, once the host has the session
 

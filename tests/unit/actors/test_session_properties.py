@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from duplexd.actors.conversation import item_text
 from duplexd.actors.session import Dest, HostSettings, Out, SessionActor
 from duplexd.actors.transcript import Segment, cut_text
 from duplexd.actors.vad import EnergyDetector
@@ -71,6 +72,7 @@ from duplexd.bus.messages import (
     TurnMode,
     VadParams,
 )
+from tests.unit.actors.kit import Ids
 
 RATE = 16000
 CHUNK = 1600  # 100 ms
@@ -83,26 +85,6 @@ TERMINAL_REASONS = {
     ResponseStatus.FAILED: {"error"},
     ResponseStatus.COMPLETED: {""},
 }
-
-
-class Ids:
-    """Deterministic ids."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self, prefix: str) -> str:
-        self.n += 1
-        return f"{prefix}_{self.n}"
-
-
-def item_text(item: Item) -> str:
-    for p in item.content:
-        if p.transcript:
-            return p.transcript
-        if p.text:
-            return p.text
-    return ""
 
 
 @dataclass

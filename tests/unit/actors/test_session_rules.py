@@ -61,20 +61,12 @@ from duplexd.bus.messages import (
     TurnState,
     VadParams,
 )
+from tests.unit.actors.kit import Ids
 
 RATE = 16000
 CHUNK = 1600  # 100 ms
 ENGINE = EngineInfo("rules", input_rate=RATE, chunk_samples=CHUNK)
 SID = "sess_rules"
-
-
-class Ids:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self, prefix: str) -> str:
-        self.n += 1
-        return f"{prefix}_{self.n}"
 
 
 def speech(ms: int) -> np.ndarray:
@@ -657,7 +649,6 @@ def test_duplex_model_interrupt_yields_the_floor() -> None:
     assert s.done(rid).response.reason == "turn_detected" and s.a.epoch == 1
 
 
-
 def test_interrupt_while_the_client_still_plays_a_finished_reply_flushes_it() -> None:
     """stage1 runs ahead of real time: a reply can be fully generated (response done) while
     the client still plays its tail. Talking over that tail advances the epoch, so clients
@@ -691,6 +682,7 @@ def test_interrupt_while_the_client_still_plays_a_finished_reply_flushes_it() ->
     v.talk(speech(900))
     assert [a.reason for a in v.sent(EpochAdvance, Dest.ADAPTER, m)] == ["turn_detected"]
     assert len(v.sent(SpeechStarted, since=m)) == 1
+
 
 # ============================================================================ failures
 def test_stage_error_fails_the_response_and_names_it() -> None:
