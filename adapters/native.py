@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from duplexd.adapters.audio import SUPPORTED_RATES, AudioFormat, b64decode, b64encode, encode
-from duplexd.adapters.protocol import ClientError, ProtocolHandler, input_buffer_event, merge_config
+from duplexd.adapters.protocol import ClientError, ProtocolHandler, merge_config, shared_event
 from duplexd.bus.messages import (
     Action,
     AudioOut,
@@ -41,7 +41,6 @@ from duplexd.bus.messages import (
     ItemDeleted,
     ItemDone,
     ItemRetrieved,
-    ItemTruncated,
     PlaybackCommitted,
     ResponseCreated,
     ResponseDone,
@@ -311,7 +310,7 @@ class NativeHandler(ProtocolHandler):
     # ------------------------------------------------------------------ server → client
     async def on_event(self, msg: Any) -> None:
         self.epoch = max(self.epoch, getattr(msg, "epoch", 0))
-        payload = input_buffer_event(msg)
+        payload = shared_event(msg)
         if payload is not None:
             await self.send_json(payload)
             return
@@ -390,15 +389,6 @@ class NativeHandler(ProtocolHandler):
                         "response": full(msg.response),
                         "transcript": msg.transcript,
                         "epoch": msg.epoch,
-                    }
-                )
-            case ItemTruncated():
-                await self.send_json(
-                    {
-                        "type": "conversation.item.truncated",
-                        "item_id": msg.item_id,
-                        "content_index": msg.content_index,
-                        "audio_end_ms": msg.audio_end_ms,
                     }
                 )
             case ItemDeleted():

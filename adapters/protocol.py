@@ -29,6 +29,7 @@ from duplexd.bus.messages import (
     IdleTimeout,
     InputCleared,
     InputCommitted,
+    ItemTruncated,
     ResponseCreated,
     ResponseDone,
     SessionClosed,
@@ -252,9 +253,9 @@ class ProtocolHandler(abc.ABC):
                 self.session.audio(tail.astype(np.float32, copy=False))
 
 
-def input_buffer_event(msg: Any) -> dict[str, Any] | None:
-    """The ``input_audio_buffer.*`` server events, named and shaped alike in the Realtime
-    and the native protocol; None for any other bus event."""
+def shared_event(msg: Any) -> dict[str, Any] | None:
+    """Server events named and shaped alike in the Realtime and the native protocol
+    (``input_audio_buffer.*``, ``conversation.item.truncated``); None for any other."""
     match msg:
         case SpeechStarted():
             return {
@@ -281,6 +282,13 @@ def input_buffer_event(msg: Any) -> dict[str, Any] | None:
                 "type": "input_audio_buffer.timeout_triggered",
                 "item_id": msg.item_id,
                 "audio_start_ms": msg.audio_start_ms,
+                "audio_end_ms": msg.audio_end_ms,
+            }
+        case ItemTruncated():
+            return {
+                "type": "conversation.item.truncated",
+                "item_id": msg.item_id,
+                "content_index": msg.content_index,
                 "audio_end_ms": msg.audio_end_ms,
             }
     return None

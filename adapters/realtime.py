@@ -39,7 +39,7 @@ from duplexd.adapters.audio import (
     b64encode,
     encode,
 )
-from duplexd.adapters.protocol import ClientError, ProtocolHandler, input_buffer_event
+from duplexd.adapters.protocol import ClientError, ProtocolHandler, shared_event
 from duplexd.adapters.realtime_events import BETA_NAMES, GA_NAMES, render_response
 from duplexd.adapters.realtime_session import (
     apply_update,
@@ -59,7 +59,6 @@ from duplexd.bus.messages import (
     ItemDeleted,
     ItemDone,
     ItemRetrieved,
-    ItemTruncated,
     ResponseCreated,
     ResponseDone,
     ResponseInfo,
@@ -254,7 +253,7 @@ class RealtimeHandler(ProtocolHandler):
 
     # ------------------------------------------------------------------ server → client
     async def on_event(self, msg: Any) -> None:
-        payload = input_buffer_event(msg)
+        payload = shared_event(msg)
         if payload is not None:
             await self.send_json(payload)
             return
@@ -283,15 +282,6 @@ class RealtimeHandler(ProtocolHandler):
                 await self._created(msg)
             case ResponseDone():
                 await self._done(msg.response)
-            case ItemTruncated():
-                await self.send_json(
-                    {
-                        "type": "conversation.item.truncated",
-                        "item_id": msg.item_id,
-                        "content_index": msg.content_index,
-                        "audio_end_ms": msg.audio_end_ms,
-                    }
-                )
             case ItemDeleted():
                 if msg.item_id == self._tail_item:
                     self._tail_item = None
