@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml requirements/cascade.lock | $(PY)
 	$(PIP) install -q -e '.[cascade]'
 	touch $@
 
+# Tests run the transformers engines on tiny random configs: CPU torch, pinned, so pip
+# never picks a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PIP) install -q -e '.[cascade,test]'
+	$(PIP) install -q $(TORCH_CPU)
+	$(PIP) install -q -e '.[cascade,hf,test]'
 	touch $@
 
 install: $(VENV)/.installed
