@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/default.toml
+PORT ?=
+HOST ?=
 PYTEST_ARGS ?=
 
 .PHONY: run test bench lint install install-test clean
@@ -32,8 +34,9 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# make run [PORT=8001] [HOST=127.0.0.1] [CONFIG=my.toml]
 run: install
-	$(VENV)/bin/duplexd serve --config $(CONFIG)
+	$(VENV)/bin/duplexd serve --config $(CONFIG)$(if $(PORT), --port $(PORT))$(if $(HOST), --host $(HOST))
 
 test: install-test
 	-@sh tests/e2e/install_chromium.sh

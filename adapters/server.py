@@ -149,6 +149,8 @@ class AdapterServer:
         return request_authorized(request, self.api_keys)
 
     def health(self) -> tuple[int, dict[str, Any]]:
+        from duplexd.adapters.native import full as full_builtins
+
         status = self.link.status
         roles: list[dict[str, Any]] = [
             {
@@ -164,12 +166,18 @@ class AdapterServer:
             # Every role with its protocol version (the wire form omits it when it is the default).
             roles += [{**msgspec.to_builtins(r), "protocol_version": r.protocol_version} for r in status.roles]
         ok = self.link.ready() and not self.draining
+        engine = status.engine if status else None
+        # A backend the engine relies on that is down (e.g. the chat endpoint): the server
+        # runs (200) but every reply will fail, so it is "degraded" and says why.
+        warnings = [f"{b.name} {b.url}: {b.detail}" for b in (engine.backends if engine else ()) if not b.ok]
+        state = "ok" if ok else ("draining" if self.draining or (status and status.draining) else "starting")
         body = {
-            "status": "ok" if ok else ("draining" if self.draining or (status and status.draining) else "starting"),
+            "status": "degraded" if ok and warnings else state,
             "protocol_version": PROTOCOL_VERSION,
             "roles": roles,
             "sessions": status.sessions if status else 0,
-            "engine": msgspec.to_builtins(status.engine) if status and status.engine else None,
+            "engine": full_builtins(engine) if engine else None,
+            "warnings": warnings,
         }
         return (200 if ok else 503), body
 

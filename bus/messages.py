@@ -87,13 +87,26 @@ class TurnState(enum.StrEnum):
 # --------------------------------------------------------------------------- shared structs
 
 
+class BackendStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A service the engine relies on (e.g. the chat endpoint of a reply policy), as
+    probed when the engine loaded."""
+
+    name: str  # what it is, e.g. "chat endpoint"
+    url: str  # where (credentials removed)
+    ok: bool
+    detail: str = ""  # the error, or what answered
+
+
 class EngineInfo(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What the engine needs from the adapter: native input format and output format."""
+    """What the engine needs from the adapter (native input and output format) and what
+    users should know about it (``notice``, its ``backends``)."""
 
     name: str
     input_rate: int = 16000
     chunk_samples: int = 1600
     output_rate: int = 24000
+    notice: str = ""  # how it behaves, shown to users (e.g. "echo mode: I repeat what you say")
+    backends: tuple[BackendStatus, ...] = ()
 
 
 class VadParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):

@@ -2,7 +2,8 @@
 
 duplexd serve [--config FILE] [--host H] [--port P] [--engine NAME]
 duplexd run ROLE [--config FILE] [...]      (ROLE: host, stage0, stage1, adapter)
-duplexd check-config [--config FILE]
+duplexd check-config [--config FILE]        (secrets are printed as "<redacted>")
+duplexd --version
 """
 
 from __future__ import annotations
@@ -14,17 +15,25 @@ import msgspec
 
 from duplexd.bus.messages import PROTOCOL_VERSION
 from duplexd.runtime import logging as runtime_logging
+from duplexd.runtime import secrets as config_secrets
 from duplexd.runtime.config import ConfigError, full_builtins, load, with_overrides
+
+
+def version_line() -> str:
+    from importlib.metadata import version
+
+    return f"duplexd {version('duplexd')} (bus protocol {PROTOCOL_VERSION})"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duplexd", description="Full-duplex spoken conversation server")
+    p.add_argument("--version", action="version", version=version_line())
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", help="TOML (or JSON) config file; defaults apply without one")
         sp.add_argument("--host", help="override server.host")
-        sp.add_argument("--port", type=int, help="override server.port")
+        sp.add_argument("--port", type=int, help="override server.port (default 8000)")
         sp.add_argument("--engine", help="override engine.name")
         sp.add_argument("--log-format", choices=("json", "text"), help="override logging.format")
 
@@ -32,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one role (for systemd or multi-host)")
     run.add_argument("role", choices=("host", "stage0", "stage1", "adapter"))
     common(run)
-    common(sub.add_parser("check-config", help="validate a config and print it as JSON"))
+    common(sub.add_parser("check-config", help="validate a config and print it as JSON (secrets redacted)"))
     sub.add_parser("version", help="print versions")
     return p
 
@@ -40,27 +49,36 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
-        from importlib.metadata import version
-
-        print(f"duplexd {version('duplexd')} (bus protocol {PROTOCOL_VERSION})")
+        print(version_line())
         return 0
+    # Children of `serve` get the secrets in their environment, not in their config file.
+    passed = config_secrets.take_from_env() if args.command == "run" else {}
     try:
-        cfg = with_overrides(load(args.config), args.host, args.port, args.engine, args.log_format)
+        cfg = with_overrides(load(args.config, passed), args.host, args.port, args.engine, args.log_format)
     except ConfigError as exc:
         print(f"duplexd: config error: {exc}", file=sys.stderr)
         return 2
     fmt = cfg.logging.format
     if args.command == "check-config":
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(full_builtins(cfg)).decode(), indent=2) + "\n")
+        shown = full_builtins(config_secrets.redacted(cfg))
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(shown).decode(), indent=2) + "\n")
         return 0
+    secret_values = config_secrets.values(cfg)
     if args.command == "serve":
+        from duplexd.runtime.preflight import StartupError
         from duplexd.runtime.supervisor import Supervisor
 
-        runtime_logging.setup("supervisor", cfg.logging.level, fmt)
-        return Supervisor(cfg).run()
+        supervisor = Supervisor(cfg)
+        try:
+            supervisor.prepare()
+        except StartupError as exc:
+            print(f"duplexd: {exc}", file=sys.stderr)
+            return 1
+        runtime_logging.setup("supervisor", cfg.logging.level, fmt, secret_values)
+        return supervisor.run()
     from duplexd.runtime.roles import RUNNERS
 
-    runtime_logging.setup(args.role, cfg.logging.level, fmt)
+    runtime_logging.setup(args.role, cfg.logging.level, fmt, secret_values)
     return RUNNERS[args.role](cfg)
 
 

@@ -1,12 +1,14 @@
 """Configuration: TOML (or JSON) decoded into typed msgspec Structs.
 
-Unknown keys and bad values are errors that name the file and the key path.
+Unknown keys and bad values are errors that name the file and the key path (with a
+"did you mean" for typos); every key's value rule is in :mod:`config_rules`.
 ``configs/default.toml`` documents every key.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -14,6 +16,7 @@ from duplexd.actors.engines.registry import EngineOptions, engine_names
 from duplexd.adapters.server import ServerSettings, check_bind
 from duplexd.bus.addresses import BusAddresses, default_run_dir, ipc_addresses
 from duplexd.bus.messages import SessionConfig
+from duplexd.runtime import config_rules
 
 _STRICT = {"frozen": True, "forbid_unknown_fields": True}
 
@@ -21,7 +24,7 @@ _STRICT = {"frozen": True, "forbid_unknown_fields": True}
 class BusConfig(msgspec.Struct, **_STRICT):
     """``[bus]``: where the session host listens and how peers keep in touch."""
 
-    run_dir: str = ""  # ipc sockets live here; default $XDG_RUNTIME_DIR or /tmp, per port
+    run_dir: str = ""  # ipc sockets, config, lock; "" = serve makes a private one per instance
     control: str = ""  # explicit endpoints (e.g. tcp://10.0.0.5:7001) override run_dir
     data: str = ""
     data_hwm: int = 2000
@@ -48,7 +51,7 @@ class Stage1Config(msgspec.Struct, **_STRICT):
 
 
 class EngineConfig(msgspec.Struct, **_STRICT):
-    name: str = "scripted"
+    name: str = "cascade"  # the CPU speech engine; "scripted" is the tone engine for tests
 
 
 class SupervisorConfig(msgspec.Struct, **_STRICT):
@@ -90,15 +93,19 @@ class ConfigError(ValueError):
 
 def validate(cfg: Config) -> Config:
     if cfg.engine.name not in engine_names():
-        raise ConfigError(f"engine.name: unknown engine {cfg.engine.name!r}; known: {', '.join(engine_names())}")
-    if cfg.host.vad not in ("silero", "energy"):
-        raise ConfigError(f"host.vad: {cfg.host.vad!r} is not 'silero' or 'energy'")
-    if cfg.logging.format not in ("json", "text"):
-        raise ConfigError(f"logging.format: {cfg.logging.format!r} is not 'json' or 'text'")
+        raise ConfigError(
+            f"engine.name: unknown engine {cfg.engine.name!r}; known: {', '.join(engine_names())}"
+            + config_rules.did_you_mean(cfg.engine.name, engine_names())
+        )
+    problems = config_rules.check(cfg)
     if bool(cfg.bus.control) != bool(cfg.bus.data):
-        raise ConfigError("bus.control and bus.data must be set together")
-    if not 0 <= cfg.server.port <= 65535:
-        raise ConfigError(f"server.port: {cfg.server.port} out of range")
+        problems.append("bus.control and bus.data must be set together")
+    if cfg.bus.heartbeat_timeout_s <= cfg.bus.heartbeat_interval_s:
+        problems.append("bus.heartbeat_timeout_s must be longer than bus.heartbeat_interval_s")
+    if cfg.server.bridge_port and cfg.server.bridge_port == cfg.server.port:
+        problems.append("server.bridge_port must differ from server.port")
+    if problems:
+        raise ConfigError("; ".join(problems))
     try:
         check_bind(cfg.server)
     except (ValueError, OSError) as exc:
@@ -106,10 +113,13 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load(path: str | Path | None) -> Config:
-    """Decode and validate a config file (TOML, or JSON by extension); None → defaults."""
+def load(path: str | Path | None, secrets: dict[str, Any] | None = None) -> Config:
+    """Decode and validate a config file (TOML, or JSON by extension); None → defaults.
+
+    ``secrets`` (from :func:`duplexd.runtime.secrets.split`) are merged in before validation.
+    """
     if path is None:
-        return validate(Config())
+        return validate(_with_secrets(Config(), secrets))
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -121,8 +131,22 @@ def load(path: str | Path | None) -> Config:
         else:
             cfg = msgspec.toml.decode(data, type=Config)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{p}: {config_rules.explain(str(exc), Config)}") from exc
+    try:
+        return validate(_with_secrets(cfg, secrets))
+    except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from exc
-    return validate(cfg)
+
+
+def _with_secrets(cfg: Config, secrets: dict[str, Any] | None) -> Config:
+    if not secrets:
+        return cfg
+    from duplexd.runtime.secrets import merge
+
+    try:
+        return merge(cfg, secrets)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def with_overrides(

@@ -1,4 +1,7 @@
-"""Log setup: one JSON object per line with role, pid and the structured fields."""
+"""Log setup: one JSON object per line with role, pid and the structured fields.
+
+Every line is scrubbed of the process's secrets (API keys) before it is written.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import time
 from typing import Any
 
 from duplexd.bus.log import STRUCTURED_FIELDS
+from duplexd.runtime.secrets import scrub
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,9 +66,22 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(role: str, level: str = "INFO", fmt: str = "json") -> None:
+class RedactingFormatter(logging.Formatter):
+    """Another formatter's lines with every secret value replaced by ``<redacted>``."""
+
+    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(self.inner.format(record), self.secrets)
+
+
+def setup(role: str, level: str = "INFO", fmt: str = "json", secrets: list[str] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(role) if fmt == "json" else TextFormatter(role))
+    inner: logging.Formatter = JsonFormatter(role) if fmt == "json" else TextFormatter(role)
+    handler.setFormatter(RedactingFormatter(inner, secrets) if secrets else inner)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

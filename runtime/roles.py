@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import uvloop
 
-from duplexd.actors.engines.registry import build_talker, build_thinker
+from duplexd.actors.engines.registry import build_talker, build_thinker, missing_requirements
 from duplexd.actors.host import SessionHost
 from duplexd.actors.session import HostSettings
 from duplexd.actors.stage0 import Stage0Worker
@@ -25,6 +25,7 @@ from duplexd.adapters.server import AdapterServer
 from duplexd.bus.log import get_logger, log
 from duplexd.runtime import sdnotify
 from duplexd.runtime.config import Config
+from duplexd.runtime.preflight import EXIT_NO_RESTART
 
 _log = get_logger("duplexd.runtime")
 
@@ -61,10 +62,19 @@ def run_host(cfg: Config) -> int:
     return 0
 
 
+class EngineUnavailable(Exception):
+    """The engine cannot load here; restarting will not help (one-line reason)."""
+
+
 def _load_engine(what: str, load: Callable[[], None], warm_up: Callable[[], None], name: str) -> None:
     t0 = time.perf_counter()
     log(_log, logging.INFO, f"loading {what}", engine=name)
-    load()
+    try:
+        load()
+    except (RuntimeError, OSError, ImportError, ValueError) as exc:
+        # Missing files or packages: the same on every restart. Say it once, plainly.
+        log(_log, logging.DEBUG, f"{what} failed to load", engine=name, exc_info=True)
+        raise EngineUnavailable(f"the {name} engine's {what} cannot load: {exc}") from exc
     t1 = time.perf_counter()
     log(_log, logging.INFO, f"{what} loaded; warming up", engine=name, load_s=round(t1 - t0, 3))
     warm_up()
@@ -81,16 +91,33 @@ def _serve_worker(worker: StageWorker) -> int:
     return run_worker_forever(worker)
 
 
+def _cannot_start(role: str, reason: str) -> int:
+    log(_log, logging.ERROR, f"{role} cannot start: {reason}")
+    return EXIT_NO_RESTART
+
+
 def run_stage0(cfg: Config) -> int:
+    missing = missing_requirements(cfg.engine.name, cfg.engines)
+    if missing is not None:
+        return _cannot_start("stage0", missing)
     thinker = build_thinker(cfg.engine.name, cfg.engines)
-    _load_engine("thinker", thinker.load, thinker.warm_up, cfg.engine.name)
+    try:
+        _load_engine("thinker", thinker.load, thinker.warm_up, cfg.engine.name)
+    except EngineUnavailable as exc:
+        return _cannot_start("stage0", str(exc))
     worker = Stage0Worker(thinker, cfg.addresses(), _worker_options(cfg), max_batch=cfg.stage0.max_batch)
     return _serve_worker(worker)
 
 
 def run_stage1(cfg: Config) -> int:
+    missing = missing_requirements(cfg.engine.name, cfg.engines)
+    if missing is not None:
+        return _cannot_start("stage1", missing)
     talker = build_talker(cfg.engine.name, cfg.engines)
-    _load_engine("talker", talker.load, talker.warm_up, cfg.engine.name)
+    try:
+        _load_engine("talker", talker.load, talker.warm_up, cfg.engine.name)
+    except EngineUnavailable as exc:
+        return _cannot_start("stage1", str(exc))
     worker = Stage1Worker(
         talker,
         cfg.addresses(),
@@ -103,6 +130,7 @@ def run_stage1(cfg: Config) -> int:
 
 def run_adapter(cfg: Config) -> int:
     b = cfg.bus
+    bind_error: list[str] = []
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -112,13 +140,20 @@ def run_adapter(cfg: Config) -> int:
         link = HostLink(cfg.addresses(), b.handshake_timeout_s, b.heartbeat_interval_s, b.heartbeat_timeout_s)
         await link.start()
         server = AdapterServer(cfg.server, link, cfg.session)
-        await server.start()
         bridge = None
-        if cfg.server.bridge_port:
-            from duplexd.adapters.bridge import BridgeServer
+        try:
+            await server.start()
+            if cfg.server.bridge_port:
+                from duplexd.adapters.bridge import BridgeServer
 
-            bridge = BridgeServer(cfg.server, link, cfg.session)
-            await bridge.start()
+                bridge = BridgeServer(cfg.server, link, cfg.session)
+                await bridge.start()
+        except OSError as exc:
+            # Port taken (or not ours to bind): restarting cannot fix it.
+            bind_error.append(f"cannot listen on {cfg.server.host} (port {cfg.server.port}): {exc.strerror or exc}")
+            await server.drain(0)
+            await link.stop()
+            return
         await link.wait_connected(b.handshake_timeout_s * 10)
         sdnotify.ready(f"adapter listening on {cfg.server.host}:{server.bound_port}")
         await stop.wait()
@@ -130,7 +165,7 @@ def run_adapter(cfg: Config) -> int:
         await link.stop()
 
     uvloop.run(main())
-    return 0
+    return _cannot_start("adapter", bind_error[0]) if bind_error else 0
 
 
 RUNNERS: dict[str, Callable[[Config], int]] = {

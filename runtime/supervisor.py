@@ -6,6 +6,12 @@ under systemd. A child that dies is restarted, at most ``restart_max`` times wit
 ``restart_window_s``; beyond that the supervisor stops everything and exits non-zero.
 SIGINT/SIGTERM stop the roles in dependency order: adapter (drains clients), host,
 stages. Children get SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG).
+
+Before any child starts, :meth:`Supervisor.prepare` checks the ports and the engine's
+packages and takes a private, locked run dir (see preflight.py), so a second server
+fails in one line and never touches a running one. A role that exits with
+``EXIT_NO_RESTART`` (its port is taken, its engine cannot load) is not restarted.
+The children's config file holds no secrets: those travel in their environment.
 """
 
 from __future__ import annotations
@@ -24,10 +30,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.metrics import ROLE_RESTARTS
 from duplexd.runtime import sdnotify
+from duplexd.runtime import secrets as config_secrets
 from duplexd.runtime.config import Config, dump_json
+from duplexd.runtime.preflight import EXIT_NO_RESTART, RunDir, check
 
 _log = get_logger("duplexd.supervisor")
 
@@ -54,17 +64,33 @@ class Supervisor:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir())
+        self._run = RunDir(cfg.bus.run_dir, cfg.server.port)
+        self.run_dir = Path()
         self.children = {r: Child(r) for r in START_ORDER}
         self._stop = False
         self._all_ready_logged = False
         self._notify: socket.socket | None = None
+        self._secret_env: dict[str, str] = {}
+        self._config_path: Path | None = None
 
-    def _write_config(self) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "effective-config.json"
-        path.write_bytes(dump_json(self.cfg))
-        return path
+    def prepare(self) -> None:
+        """Check ports and engine, take the run dir, write the children's config.
+
+        Raises :class:`~duplexd.runtime.preflight.StartupError` (one line) before anything
+        is started or written outside the new run dir.
+        """
+        check(self.cfg)
+        self.run_dir = self._run.acquire()
+        try:
+            # The children all use this run dir; the file holds no secret (0600 regardless).
+            bus = msgspec.structs.replace(self.cfg.bus, run_dir=str(self.run_dir))
+            cfg = msgspec.structs.replace(self.cfg, bus=bus)
+            public, secrets = config_secrets.split(cfg)
+            self._secret_env = config_secrets.to_env(secrets)
+            self._config_path = self._run.private_file("effective-config.json", dump_json(public))
+        except BaseException:
+            self._run.release()
+            raise
 
     def _open_notify(self) -> str:
         path = self.run_dir / "notify.sock"
@@ -75,10 +101,11 @@ class Supervisor:
         s.bind(str(path))
         s.setblocking(False)
         self._notify = s
+        self._run.made(path)
         return str(path)
 
     def _spawn(self, child: Child, config_path: Path, notify_path: str) -> None:
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1", **self._secret_env)
         cmd = [sys.executable, "-m", "duplexd.runtime.cli", "run", child.role, "--config", str(config_path)]
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop the roles in order.
         child.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, process_group=0)  # noqa: PLW1509
@@ -110,6 +137,15 @@ class Supervisor:
         """A child exited on its own: restart it, or give up (returns False)."""
         assert child.proc is not None
         code = child.proc.returncode
+        if code == EXIT_NO_RESTART:
+            log(
+                _log,
+                logging.CRITICAL,
+                "role cannot start (see its error above); not restarting it",
+                child=child.role,
+                exit_code=code,
+            )
+            return False
         now = time.monotonic()
         window = self.cfg.supervisor.restart_window_s
         while child.restarts and now - child.restarts[0] > window:
@@ -132,7 +168,16 @@ class Supervisor:
         return True
 
     def run(self) -> int:
-        config_path = self._write_config()
+        if self._config_path is None:
+            self.prepare()
+        config_path = self._config_path
+        assert config_path is not None
+        try:
+            return self._run_children(config_path)
+        finally:
+            self._run.release()
+
+    def _run_children(self, config_path: Path) -> int:
         notify_path = self._open_notify()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)

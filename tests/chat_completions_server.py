@@ -35,13 +35,16 @@ class ChatScript:
     headers: list[dict[str, str]] = field(default_factory=list)
     sent_at: list[list[float]] = field(default_factory=list)  # monotonic time each piece was written
     disconnected: threading.Event = field(default_factory=threading.Event)  # a client hung up mid-stream
+    models: list[str] = field(default_factory=lambda: ["stand-in"])  # GET /v1/models lists these
+    model_queries: list[dict[str, str]] = field(default_factory=list)  # headers of each GET /v1/models
 
     def say(self, *pieces: tuple[float, str], **kw: Any) -> None:
         self.replies.append(Reply(list(pieces), **kw))
 
 
 def chat_server(script: ChatScript) -> ThreadingHTTPServer:
-    """Serve ``script`` on 127.0.0.1 (a free port) until ``shutdown()``; POST /v1/chat/completions."""
+    """Serve ``script`` on 127.0.0.1 (a free port) until ``shutdown()``; POST /v1/chat/completions,
+    GET /v1/models."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -56,6 +59,13 @@ def chat_server(script: ChatScript) -> ThreadingHTTPServer:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path != "/v1/models":
+                self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                return
+            script.model_queries.append(dict(self.headers))
+            self._json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in script.models]})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -9,6 +9,7 @@ import msgspec
 
 from duplexd.actors.engines.base import Talker, Thinker
 from duplexd.actors.engines.cascade import CascadeOptions, CascadeTalker, CascadeThinker
+from duplexd.actors.engines.cascade import requirements as cascade_requirements
 from duplexd.actors.engines.scripted import ScriptedOptions, ScriptedTalker, ScriptedThinker
 
 
@@ -37,6 +38,19 @@ def _lookup(name: str) -> tuple[str, ThinkerFactory, TalkerFactory]:
         return _ENGINES[name]
     except KeyError:
         raise ValueError(f"unknown engine {name!r}; known: {', '.join(engine_names())}") from None
+
+
+# Per engine: what is missing to run it (one line naming the extra to install), or None.
+_REQUIREMENTS: dict[str, Callable[[Any], str | None]] = {
+    "cascade": cascade_requirements.missing,
+}
+
+
+def missing_requirements(name: str, options: EngineOptions) -> str | None:
+    """Why engine ``name`` cannot load here (packages not installed), or None."""
+    section, _, _ = _lookup(name)
+    check = _REQUIREMENTS.get(name)
+    return check(getattr(options, section)) if check else None
 
 
 def build_thinker(name: str, options: EngineOptions) -> Thinker:

@@ -83,6 +83,7 @@ class ScriptedThinker(Thinker):
             name="scripted",
             input_rate=opts.input_rate,
             chunk_samples=opts.input_rate * opts.chunk_ms // 1000,
+            notice="scripted test engine: it answers with tones, not words",
         )
         self._s: dict[str, _ThinkState] = {}
 

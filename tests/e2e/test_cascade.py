@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import re
+import socket
 import time
 import wave
 from collections.abc import Callable, Iterator
@@ -361,3 +362,40 @@ async def test_openai_chat_policy_streams_sentences_to_the_voice_before_the_repl
     assert msgs[2]["content"] == "It is sunny in Paris today. Expect twenty degrees this afternoon."
     assert words(msgs[-1]["content"]) == words("Hello, how are you today?")
     await c.close()
+
+
+# ---------------------------------------------------------------------- saying how it answers (issue 11, item 9)
+def test_echo_mode_is_announced_in_health_and_the_startup_log(cascade_server: ServerProcess) -> None:
+    code, body = cascade_server.health()
+    assert code == 200 and body["status"] == "ok"
+    assert body["engine"]["notice"] == "echo mode: I repeat what you say"
+    assert "echo mode: I repeat what you say" in cascade_server.logs()
+
+
+def test_a_reachable_chat_endpoint_is_reported_in_health(chat_setup: tuple[ServerProcess, ChatScript]) -> None:
+    server, script = chat_setup
+    code, body = server.health()
+    assert code == 200 and body["status"] == "ok" and body["warnings"] == []
+    (backend,) = body["engine"]["backends"]
+    assert backend["name"] == "chat endpoint" and backend["ok"] is True and "stand-in" in backend["detail"]
+    assert body["engine"]["notice"] == ""
+    assert script.model_queries and script.model_queries[0]["Authorization"] == "Bearer sk-test"
+    assert "sk-test" not in json.dumps(body) and "sk-test" not in server.logs()
+
+
+def test_an_unreachable_chat_endpoint_makes_health_degraded_at_start_up() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the block ends
+    url = f"http://127.0.0.1:{port}/v1"
+    server = ServerProcess(
+        engine="cascade",
+        sections={"engines.cascade": {"policy": "openai-chat", "openai_url": url, "warm_up": False}},
+    )
+    with server:
+        code, body = server.health()
+        assert code == 200 and body["status"] == "degraded"
+        (backend,) = body["engine"]["backends"]
+        assert backend["ok"] is False and backend["url"] == url and "unreachable" in backend["detail"]
+        assert body["warnings"] and url in body["warnings"][0] and "refused" in body["warnings"][0].lower()
+        assert "chat endpoint NOT reachable" in server.logs()

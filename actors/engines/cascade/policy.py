@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from duplexd.actors.engines.cascade.text import SentenceSplitter, clean_for_speech, split_sentences
 from duplexd.bus.log import get_logger, log
+from duplexd.bus.messages import BackendStatus
 
 _log = get_logger(__name__)
 
@@ -67,6 +68,10 @@ class ReplyPolicy(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release resources (stage0 shutdown)."""
+
+    def probe(self) -> BackendStatus | None:
+        """Check what the policy relies on (at start-up); None: it relies on nothing."""
+        return None
 
 
 class FixedReply(ReplyStream):
@@ -296,3 +301,55 @@ class OpenAIChatPolicy(ReplyPolicy):
         for s in self._streams:
             s.cancel()
         self._streams.clear()
+
+    def probe(self, timeout_s: float = 3.0) -> BackendStatus:
+        """``GET <url>/models`` (vLLM, llama.cpp and OpenAI all serve it): is the endpoint
+        up, does it take our key, does it list our model."""
+        base = self.endpoint.removesuffix("/chat/completions")
+        public = _without_credentials(base)
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=min(timeout_s, self.timeout_s))
+        headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        try:
+            conn.request("GET", self.path.removesuffix("/chat/completions") + "/models", headers=headers)
+            resp = conn.getresponse()
+            body = resp.read(64 * 1024)
+        except (OSError, http.client.HTTPException) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            return BackendStatus("chat endpoint", public, False, f"unreachable: {reason}")
+        finally:
+            conn.close()
+        if resp.status in (401, 403):
+            return BackendStatus("chat endpoint", public, False, f"HTTP {resp.status}: the API key was refused")
+        if resp.status != 200:
+            # Up, but without a model list (some servers have none): the chat route may still work.
+            return BackendStatus("chat endpoint", public, True, f"reachable; GET /models answered HTTP {resp.status}")
+        try:
+            served = [str(m.get("id")) for m in json.loads(body).get("data", []) if isinstance(m, dict)]
+        except (ValueError, AttributeError):
+            served = []
+        if not served:
+            return BackendStatus("chat endpoint", public, True, "reachable")
+        listed = ", ".join(served[:5]) + (" ..." if len(served) > 5 else "")
+        if self.model not in served:
+            # llama.cpp ignores the name; vLLM refuses it. Say so rather than guess.
+            return BackendStatus(
+                "chat endpoint",
+                public,
+                True,
+                f"reachable, but model {self.model!r} is not among those it serves ({listed}): "
+                "set engines.cascade.openai_model (vLLM refuses unknown names)",
+            )
+        return BackendStatus("chat endpoint", public, True, f"reachable; serves {listed}")
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=netloc).geturl()

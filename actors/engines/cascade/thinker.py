@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from duplexd.actors.engines.base import EngineError, Thinker, ThinkerInput, ThinkerOutput
@@ -43,6 +44,7 @@ from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, HistoryEntry, SessionConfig
 
 _log = get_logger(__name__)
+ECHO_NOTICE = "echo mode: I repeat what you say"
 _ROLES = ("system", "user", "assistant")
 VAD_WINDOW = 512  # Silero's window at 16 kHz
 
@@ -138,8 +140,35 @@ class CascadeThinker(Thinker):
         )
         SileroDetector(self.opts.vad_threshold, self.opts.end_silence_ms)  # fails here, not on the first client
         log(_log, logging.INFO, "cascade: VAD loaded (Silero)", load_s=round(time.perf_counter() - t1, 3))
-        where = {"url": self.opts.openai_url, "model": self.opts.openai_model} if self.policy.name != "echo" else {}
-        log(_log, logging.INFO, "cascade: reply policy ready", policy=self.policy.name, **where)
+        self._announce_policy()
+
+    def _announce_policy(self) -> None:
+        """Say how it will answer: in the log, and to every client (EngineInfo)."""
+        notice = ""
+        if self.policy.name == "echo":
+            notice = ECHO_NOTICE
+            log(
+                _log,
+                logging.WARNING,
+                f"{ECHO_NOTICE} (engines.cascade.policy = 'echo'; set 'openai-chat' to answer with a language model)",
+            )
+        probed = self.policy.probe()
+        backends = (probed,) if probed is not None else ()
+        if probed is not None:
+            level = logging.INFO if probed.ok else logging.ERROR
+            what = "ready" if probed.ok else "NOT reachable: every reply will fail until it is"
+            log(
+                _log,
+                level,
+                f"cascade: {probed.name} {what}",
+                policy=self.policy.name,
+                url=probed.url,
+                model=self.opts.openai_model,
+                detail=probed.detail,
+            )
+        else:
+            log(_log, logging.INFO, "cascade: reply policy ready", policy=self.policy.name)
+        self.info = msgspec.structs.replace(self.info, notice=notice, backends=backends)
 
     def warm_up(self) -> None:
         if not self.opts.warm_up:

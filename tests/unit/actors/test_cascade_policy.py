@@ -152,3 +152,37 @@ def test_bad_url_is_refused_at_construction() -> None:
 def test_bad_engine_options_are_config_errors(toml: bytes, needle: str) -> None:
     with pytest.raises(msgspec.ValidationError, match=needle):
         msgspec.toml.decode(toml, type=CascadeOptions)
+
+
+# ---------------------------------------------------------------------- start-up probe (issue 11, item 9)
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def test_probe_reports_an_endpoint_that_is_not_there() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    status = OpenAIChatPolicy(url).probe()
+    assert not status.ok and status.name == "chat endpoint" and status.url == url
+    assert "unreachable" in status.detail and "refused" in status.detail.lower()
+
+
+def test_probe_finds_the_endpoint_its_key_and_its_model(stub: tuple[ChatScript, str]) -> None:
+    script, url = stub
+    ok = OpenAIChatPolicy(url, model="stand-in", api_key="sk-probe").probe()
+    assert ok.ok and "serves stand-in" in ok.detail
+    assert script.model_queries[-1]["Authorization"] == "Bearer sk-probe"
+    assert script.requests == []  # a probe never asks for a completion
+    other = OpenAIChatPolicy(url, model="llama-3").probe()
+    assert other.ok and "'llama-3' is not among those it serves (stand-in)" in other.detail
+
+
+def test_probe_hides_credentials_in_the_url(stub: tuple[ChatScript, str]) -> None:
+    _, url = stub
+    status = OpenAIChatPolicy(url.replace("http://", "http://user:pw@")).probe()
+    assert "pw" not in status.url and status.url == url
+
+
+def test_echo_policy_has_nothing_to_probe() -> None:
+    assert EchoPolicy().probe() is None

@@ -51,3 +51,10 @@ def test_units_verify(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert out.returncode == 0 and out.stderr.strip() == "" and out.stdout.strip() == "", out.stderr
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_unit_does_not_restart_a_role_that_cannot_start(role: str) -> None:
+    from duplexd.runtime.preflight import EXIT_NO_RESTART
+
+    assert _unit(role)["Service"]["RestartPreventExitStatus"] == str(EXIT_NO_RESTART)

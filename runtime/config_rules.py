@@ -1,0 +1,301 @@
+"""Value rules for every config key: enums, ranges, endpoints; "did you mean" for typos.
+
+Decoding (msgspec) checks types and refuses unknown keys; these rules check what a type
+cannot say (``vad.threshold`` is a probability, ``logging.level`` one of five names).
+Every numeric and text key of the config has a rule here: a test walks the whole
+config struct and fails on a key without one, so new keys cannot slip through unchecked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from duplexd.actors.engines.cascade.options import POLICIES
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """A number within [lo, hi]; ``lo_open`` excludes lo itself (strictly positive)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def check(self, v: Any) -> str | None:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return f"{v} is {'not above' if self.lo_open else 'below'} {_num(self.lo)}"
+        if self.hi is not None and v > self.hi:
+            return f"{v} is above {_num(self.hi)}"
+        return None
+
+    def describe(self) -> str:
+        lo = "" if self.lo is None else (f"> {_num(self.lo)}" if self.lo_open else f">= {_num(self.lo)}")
+        hi = "" if self.hi is None else f"<= {_num(self.hi)}"
+        return " and ".join(x for x in (lo, hi) if x)
+
+
+@dataclass(frozen=True, slots=True)
+class OneOf:
+    """One of a fixed set of names (``fold``: compared case-insensitively)."""
+
+    choices: tuple[str, ...]
+    fold: bool = False
+
+    def check(self, v: Any) -> str | None:
+        values = [v] if isinstance(v, str) else list(v)
+        for x in values:
+            ok = x.upper() in (c.upper() for c in self.choices) if self.fold else x in self.choices
+            if not ok:
+                return f"{x!r} is not one of {', '.join(self.choices)}{did_you_mean(x, self.choices)}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """Text matching a regular expression (``what`` names it in the error)."""
+
+    regex: str
+    what: str
+
+    def check(self, v: Any) -> str | None:
+        return None if re.fullmatch(self.regex, v) else f"{v!r} is not {self.what}"
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """Free text, a path or a secret: any string (``why`` says what it is)."""
+
+    why: str = "free text"
+
+    def check(self, v: Any) -> str | None:
+        return None
+
+
+Rule = Range | OneOf | Pattern | Text
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+PORT = Range(0, 65535)
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+PROBABILITY = Range(0, 1)
+CHUNK_MS = Range(10, 1000)
+AUDIO_RATE = Range(8000, 48000)
+ENDPOINT = Pattern(r"|(ipc|tcp)://\S+", "an ipc:// or tcp:// endpoint")
+HTTP_URL = Pattern(r"https?://[^\s/]+\S*", "an http(s):// URL")
+CT2_COMPUTE = (
+    "default",
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
+
+
+def _engine_names() -> tuple[str, ...]:
+    from duplexd.actors.engines.registry import engine_names
+
+    return tuple(engine_names())
+
+
+RULES: dict[str, Rule | Callable[[], Rule]] = {
+    # [server]
+    "server.host": Text("host name or address"),
+    "server.port": PORT,
+    "server.api_keys": Text("secret"),
+    "server.api_key_file": Text("path"),
+    "server.max_message_bytes": Range(1024),
+    "server.max_audio_bytes": AT_LEAST_ONE,
+    "server.drain_timeout_s": NON_NEGATIVE,
+    "server.bridge_port": PORT,
+    "server.web_dir": Text("path"),
+    # [bus]
+    "bus.run_dir": Text("path"),
+    "bus.control": ENDPOINT,
+    "bus.data": ENDPOINT,
+    "bus.data_hwm": AT_LEAST_ONE,
+    "bus.handshake_timeout_s": POSITIVE,
+    "bus.heartbeat_interval_s": POSITIVE,
+    "bus.heartbeat_timeout_s": POSITIVE,
+    # [host]
+    "host.vad": OneOf(("silero", "energy")),
+    "host.max_input_buffer_ms": Range(1000),
+    "host.continuation_pace": POSITIVE,
+    # [session]
+    "session.vad.threshold": PROBABILITY,
+    "session.vad.prefix_padding_ms": NON_NEGATIVE,
+    "session.vad.silence_duration_ms": NON_NEGATIVE,
+    "session.vad.idle_timeout_ms": NON_NEGATIVE,
+    "session.overlap.short_ack_ms": NON_NEGATIVE,
+    "session.overlap.barge_in_ms": NON_NEGATIVE,
+    "session.overlap.silence_rms": PROBABILITY,
+    "session.instructions": Text(),
+    "session.voice": Text(),
+    "session.output_modalities": OneOf(("audio", "text")),
+    "session.force_listen_count": NON_NEGATIVE,
+    "session.listen_prob_scale": POSITIVE,
+    "session.continuation_cap_ms": NON_NEGATIVE,
+    "session.max_output_tokens": NON_NEGATIVE,
+    "session.temperature": Range(0, 2),
+    # [stage0], [stage1]
+    "stage0.max_batch": AT_LEAST_ONE,
+    "stage1.max_batch": AT_LEAST_ONE,
+    "stage1.max_lead_ms": NON_NEGATIVE,
+    # [engine]
+    "engine.name": lambda: OneOf(_engine_names()),
+    # [engines.scripted]
+    "engines.scripted.input_rate": AUDIO_RATE,
+    "engines.scripted.chunk_ms": CHUNK_MS,
+    "engines.scripted.speech_rms": PROBABILITY,
+    "engines.scripted.speech_chunks": AT_LEAST_ONE,
+    "engines.scripted.interrupt_chunks": AT_LEAST_ONE,
+    "engines.scripted.reply_ms": NON_NEGATIVE,
+    "engines.scripted.reply_text": Text(),
+    "engines.scripted.out_chunk_ms": CHUNK_MS,
+    "engines.scripted.think_step_cost_ms": NON_NEGATIVE,
+    "engines.scripted.talk_step_cost_ms": NON_NEGATIVE,
+    # [engines.cascade]
+    "engines.cascade.input_rate": Range(16000, 16000),
+    "engines.cascade.chunk_ms": Range(20, 1000),
+    "engines.cascade.asr_model": Text("path"),
+    "engines.cascade.asr_compute_type": OneOf(CT2_COMPUTE),
+    "engines.cascade.asr_threads": NON_NEGATIVE,
+    "engines.cascade.asr_beam_size": AT_LEAST_ONE,
+    "engines.cascade.asr_language": Pattern(r"|[a-z]{2,3}", "a language code such as 'en' (or '' to detect)"),
+    "engines.cascade.tts_model": Text("path"),
+    "engines.cascade.tts_config": Text("path"),
+    "engines.cascade.tts_threads": NON_NEGATIVE,
+    "engines.cascade.tts_chunk_ms": Range(10, 500),
+    "engines.cascade.tts_length_scale": POSITIVE,
+    "engines.cascade.tts_volume": Range(0, 1, lo_open=True),
+    "engines.cascade.tts_max_sentence_chars": Range(20),
+    "engines.cascade.policy": OneOf(POLICIES),
+    "engines.cascade.echo_template": Text("template with {transcript}"),
+    "engines.cascade.empty_reply": Text(),
+    "engines.cascade.openai_url": HTTP_URL,
+    "engines.cascade.openai_model": Text(),
+    "engines.cascade.openai_api_key": Text("secret"),
+    "engines.cascade.openai_api_key_env": Pattern(r"|[A-Za-z_][A-Za-z0-9_]*", "an environment variable name"),
+    "engines.cascade.openai_max_tokens": NON_NEGATIVE,
+    "engines.cascade.openai_timeout_s": POSITIVE,
+    "engines.cascade.openai_system_prompt": Text(),
+    "engines.cascade.vad_threshold": PROBABILITY,
+    "engines.cascade.end_silence_ms": NON_NEGATIVE,
+    "engines.cascade.min_speech_ms": NON_NEGATIVE,
+    "engines.cascade.interrupt_ms": NON_NEGATIVE,
+    "engines.cascade.pre_roll_ms": NON_NEGATIVE,
+    "engines.cascade.max_utterance_ms": Range(1000),
+    "engines.cascade.speech_chars_per_s": POSITIVE,
+    # [supervisor]
+    "supervisor.restart_max": NON_NEGATIVE,
+    "supervisor.restart_window_s": POSITIVE,
+    "supervisor.start_timeout_s": POSITIVE,
+    "supervisor.stop_timeout_s": POSITIVE,
+    # [logging]
+    "logging.level": OneOf(LOG_LEVELS, fold=True),
+    "logging.format": OneOf(("json", "text")),
+}
+
+
+def leaves(struct: msgspec.Struct, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every non-struct field, depth first."""
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, msgspec.Struct):
+            yield from leaves(value, key + ".")
+        else:
+            yield key, value
+
+
+def needs_rule(value: Any) -> bool:
+    """Booleans and enum fields (msgspec checks those) need no rule; numbers and text do."""
+    if isinstance(value, bool) or hasattr(value, "value"):
+        return False
+    return isinstance(value, int | float | str | list | tuple)
+
+
+def rule_for(key: str) -> Rule | None:
+    rule = RULES.get(key)
+    return rule() if callable(rule) else rule
+
+
+def check(cfg: msgspec.Struct) -> list[str]:
+    """Every rule violation of ``cfg``, as ``key: problem (allowed: ...)``."""
+    problems: list[str] = []
+    for key, value in leaves(cfg):
+        rule = rule_for(key)
+        if rule is None or not needs_rule(value):
+            continue
+        bad = rule.check(value)
+        if bad is not None:
+            hint = f" (allowed: {rule.describe()})" if isinstance(rule, Range) else ""
+            problems.append(f"{key}: {bad}{hint}")
+    return problems
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?([^`]*)`)?")
+_ENUM = re.compile(r"Invalid enum value '([^']*)' - at `\$\.([^`]+)`")
+
+
+def explain(message: str, root: type[msgspec.Struct]) -> str:
+    """A msgspec decode error with a hint: the key or value meant, and the keys allowed."""
+    m = _UNKNOWN.search(message)
+    if m:
+        field, path = m.group(1), m.group(2) or ""
+        struct = _struct_at(root, path)
+        if struct is not None:
+            known = struct.__struct_fields__
+            where = f"[{path}]" if path else "the top level"
+            hint = did_you_mean(field, known) or f"; {where} has: {', '.join(known)}"
+            return f"{message}{hint}"
+    m = _ENUM.search(message)
+    if m:
+        value, path = m.group(1), m.group(2)
+        choices = _enum_values(root, path)
+        if choices:
+            return f"{message}; one of {', '.join(choices)}{did_you_mean(value, choices)}"
+    return message
+
+
+def _struct_at(root: type[msgspec.Struct], path: str) -> type[msgspec.Struct] | None:
+    t: Any = root
+    for part in [p for p in path.split(".") if p]:
+        info = msgspec.inspect.type_info(t)
+        fields = {f.name: f.type for f in getattr(info, "fields", ())}
+        ft = fields.get(part)
+        if not isinstance(ft, msgspec.inspect.StructType):
+            return None
+        t = ft.cls
+    return t
+
+
+def _enum_values(root: type[msgspec.Struct], path: str) -> list[str]:
+    parent, _, name = path.rpartition(".")
+    struct = _struct_at(root, parent)
+    if struct is None:
+        return []
+    for f in msgspec.inspect.type_info(struct).fields:
+        if f.name == name and isinstance(f.type, msgspec.inspect.EnumType):
+            return [str(m.value) for m in f.type.cls]
+    return []
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
