@@ -25,6 +25,10 @@ from duplexd.runtime.config import Config
 EXIT_NO_RESTART = 78
 
 
+# Room left for "/duplexd-PORT-xxxxxxxx/control.sock" within a unix socket path.
+MAX_BASE_CHARS = 60
+
+
 class StartupError(RuntimeError):
     """Why the server cannot start, in one line."""
 
@@ -87,7 +91,10 @@ class RunDir:
 
     def acquire(self) -> Path:
         if self.owned:
-            self.path = Path(tempfile.mkdtemp(prefix=f"duplexd-{self.port}-", dir=runtime_base()))
+            base = runtime_base()
+            if len(str(base)) > MAX_BASE_CHARS:
+                base = Path("/tmp")  # a unix socket path must fit in 108 bytes
+            self.path = Path(tempfile.mkdtemp(prefix=f"duplexd-{self.port}-", dir=base))
         else:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = self.path / self.LOCK

@@ -37,7 +37,7 @@ from duplexd.bus.metrics import ROLE_RESTARTS
 from duplexd.runtime import sdnotify
 from duplexd.runtime import secrets as config_secrets
 from duplexd.runtime.config import Config, dump_json
-from duplexd.runtime.preflight import EXIT_NO_RESTART, RunDir, check
+from duplexd.runtime.preflight import EXIT_NO_RESTART, RunDir, StartupError, check
 
 _log = get_logger("duplexd.supervisor")
 
@@ -85,6 +85,10 @@ class Supervisor:
             # The children all use this run dir; the file holds no secret (0600 regardless).
             bus = msgspec.structs.replace(self.cfg.bus, run_dir=str(self.run_dir))
             cfg = msgspec.structs.replace(self.cfg, bus=bus)
+            try:
+                cfg.addresses().prepare()  # e.g. a socket path too long: say so now, not in a restart loop
+            except ValueError as exc:
+                raise StartupError(f"bus: {exc}; set a shorter bus.run_dir") from None
             public, secrets = config_secrets.split(cfg)
             self._secret_env = config_secrets.to_env(secrets)
             self._config_path = self._run.private_file("effective-config.json", dump_json(public))

@@ -7,6 +7,12 @@
 // `epoch.advanced` event flushes it at once (barge-in) and frames of older epochs are
 // dropped on arrival. Playback acks report what was actually played.
 //
+// Latency: from the end of the user's speech (the newest voiced microphone frame before
+// the turn was handed over: server VAD's speech_stopped, or in duplex mode the model's
+// first speak of a reply) to the first assistant sample played; the same start in every
+// mode, so the figures compare. Problems (microphone denied, server unreachable, errors)
+// show in a banner.
+//
 // window.duplexStats holds the page's counters (tests read them).
 'use strict';
 
@@ -14,6 +20,7 @@
   const RATE = 24000;
   const FRAME_MS = 20;
   const ACK_EVERY_MS = 250;
+  const VOICE_RMS = 0.01; // a microphone frame at least this loud is the user speaking
   const $ = (id) => document.getElementById(id);
 
   const stats = {
@@ -35,6 +42,9 @@
     userTranscripts: [],
     assistantTranscripts: [],
     latenciesMs: [],
+    turns: [], // per measured turn: {mode, signal, handoverMs (speech end → hand-over), latencyMs}
+    banner: null, // the text of the banner now shown
+    notice: null, // what the engine says about itself (e.g. echo mode)
     errors: [],
   };
   window.duplexStats = stats;
@@ -45,13 +55,55 @@
   let captureNode = null;
   let playNode = null;
   let inputRate = RATE;
-  let turnEndAt = null; // when the user's turn ended (for the latency readout)
+  let lastVoiceAt = null; // capture time of the newest voiced microphone frame
+  let turn = null; // the turn being measured: {mode, signal, speechEndAt, handoverAt}
+  let opened = false; // the websocket opened (a close before that is a failed connect)
+  let closing = false; // the user asked to disconnect
   const items = new Map(); // assistant item id → {rid, segments: [[startMs, endMs, text]], el, lastAck}
   let lastDecision = 'listen';
   let playing = false;
   let buffered = 0;
 
   // ------------------------------------------------------------------ UI helpers
+  function showBanner(text, kind) {
+    stats.banner = text;
+    $('banner-text').textContent = text;
+    $('banner').className = `banner ${kind || 'error'}`;
+    $('banner').hidden = false;
+  }
+
+  function clearBanner() {
+    stats.banner = null;
+    $('banner').hidden = true;
+  }
+
+  function micProblem(e) {
+    switch (e && e.name) {
+      case 'NotAllowedError':
+      case 'SecurityError':
+        return 'Microphone access was denied. Allow the microphone for this page (the icon in the address bar) and press Connect again.';
+      case 'NotFoundError':
+      case 'OverconstrainedError':
+        return 'No microphone was found. Plug one in and press Connect again.';
+      case 'NotReadableError':
+        return 'The microphone could not be opened: another application may be using it.';
+      case 'AbortError':
+        if (String(e.message).includes('worklet')) {
+          return 'Could not load the audio code from the server (audio-worklets.js): is the server still running?';
+        }
+        return `Audio could not start: ${e.message}`;
+      default:
+        return `Audio could not start: ${e && e.name ? `${e.name}: ` : ''}${e && e.message ? e.message : e}`;
+    }
+  }
+
+  function handOver(signal) {
+    // The user's turn was handed to the assistant: its speech ended at the newest voiced frame.
+    const now = performance.now();
+    const end = signal === 'send_turn' || lastVoiceAt === null ? now : Math.min(lastVoiceAt, now);
+    turn = { mode: $('turn-mode').value, signal, speechEndAt: end, handoverAt: now };
+  }
+
   function log(text, cls) {
     const li = document.createElement('li');
     li.textContent = `${new Date().toISOString().slice(11, 23)} ${text}`;
@@ -73,6 +125,8 @@
     delete shown.userTranscripts;
     delete shown.assistantTranscripts;
     delete shown.errors;
+    delete shown.banner;
+    delete shown.notice;
     $('stats').textContent = JSON.stringify(shown, null, 1);
   }
 
@@ -189,11 +243,20 @@
 
   function onEvent(ev) {
     switch (ev.type) {
-      case 'session.created':
+      case 'session.created': {
         stats.sessionId = ev.session.id;
         log(`session ${ev.session.id} (engine ${ev.engine && ev.engine.name})`);
+        const notice = ev.engine && ev.engine.notice;
+        stats.notice = notice || null;
+        $('notice').textContent = notice || '';
+        $('notice').hidden = !notice;
+        const down = ((ev.engine && ev.engine.backends) || []).filter((b) => !b.ok);
+        if (down.length) {
+          showBanner(`${down.map((b) => `${b.name} ${b.url}: ${b.detail}`).join('; ')}. Replies will fail until it is fixed.`, 'warning');
+        }
         sessionUpdate();
         break;
+      }
       case 'session.updated':
         log(`turn mode ${ev.session.turn_mode}`);
         break;
@@ -201,13 +264,14 @@
       case 'response.speak':
         lastDecision = ev.type === 'response.speak' ? 'speak' : 'listen';
         stats.decisions[lastDecision]++;
-        if (lastDecision === 'speak' && turnEndAt === null && $('turn-mode').value === 'duplex') turnEndAt = performance.now();
+        // Duplex: the model's first speak of a reply is its hand-over.
+        if (lastDecision === 'speak' && turn === null && $('turn-mode').value === 'duplex') handOver('response.speak');
         break;
       case 'input_audio_buffer.speech_started':
         line('user', ev.item_id, '…', true);
         break;
       case 'input_audio_buffer.speech_stopped':
-        turnEndAt = performance.now();
+        handOver('speech_stopped');
         break;
       case 'input_audio_buffer.committed':
         line('user', ev.item_id, '…', true);
@@ -262,6 +326,7 @@
       case 'error':
         stats.errors.push(ev.error);
         log(`error ${ev.error.code}: ${ev.error.message}`, 'error');
+        showBanner(`Server error (${ev.error.code}): ${ev.error.message}`);
         break;
       case 'session.closed':
         log(`session closed: ${ev.reason}`);
@@ -275,6 +340,9 @@
   // ------------------------------------------------------------------ connect / disconnect
   async function connect() {
     setButtons(true);
+    clearBanner();
+    opened = false;
+    closing = false;
     $('conn-state').textContent = 'starting audio…';
     try {
       try {
@@ -303,11 +371,17 @@
         const m = e.data;
         if (m.type === 'played') onPlayed(m);
         else if (m.type === 'started') {
-          if (turnEndAt !== null) {
-            const ms = Math.round(performance.now() - turnEndAt);
+          if (turn !== null) {
+            const ms = Math.round(performance.now() - turn.speechEndAt);
             stats.latenciesMs.push(ms);
+            stats.turns.push({
+              mode: turn.mode,
+              signal: turn.signal,
+              handoverMs: Math.round(turn.handoverAt - turn.speechEndAt),
+              latencyMs: ms,
+            });
             $('latency').textContent = `${ms} ms`;
-            turnEndAt = null;
+            turn = null;
           }
         } else if (m.type === 'flushed') {
           stats.samplesFlushed += m.droppedSamples;
@@ -318,10 +392,11 @@
       };
       await ctx.resume();
     } catch (e) {
+      const denied = e && (e.name === 'NotAllowedError' || e.name === 'SecurityError');
       log(`audio setup failed: ${e}`, 'error');
-      stats.errors.push({ code: 'audio_setup', message: String(e) });
-      $('conn-state').textContent = 'audio unavailable';
-      teardown();
+      stats.errors.push({ code: denied ? 'microphone_denied' : 'audio_setup', message: String(e) });
+      teardown(denied ? 'microphone denied' : 'audio unavailable');
+      showBanner(micProblem(e));
       return;
     }
 
@@ -332,6 +407,7 @@
     ws = new WebSocket(url);
     ws.binaryType = 'arraybuffer';
     ws.onopen = () => {
+      opened = true;
       stats.connected = true;
       $('conn-state').textContent = 'connected';
       log('connected');
@@ -343,10 +419,21 @@
     };
     ws.onclose = (e) => {
       log(`disconnected (${e.code}${e.reason ? ` ${e.reason}` : ''})`, e.code === 1000 ? '' : 'error');
-      teardown();
+      const userClosed = closing;
+      const wasOpen = opened;
+      teardown(wasOpen ? 'disconnected' : 'connection failed');
+      if (userClosed) return;
+      if (!wasOpen) {
+        showBanner(`Could not connect to ${url.split('?')[0]}: is the server running, and is an API key needed?`);
+      } else if (e.code === 1001) {
+        showBanner('The server is shutting down; the session ended.');
+      } else if (e.code !== 1000) {
+        showBanner(`The connection was lost (code ${e.code}${e.reason ? `: ${e.reason}` : ''}).`);
+      }
     };
     captureNode.port.onmessage = (e) => {
       $('mic-level').style.width = `${Math.min(100, Math.round(e.data.rms * 400))}%`;
+      if (e.data.rms >= VOICE_RMS) lastVoiceAt = performance.now();
       if (!ws || ws.readyState !== WebSocket.OPEN) return;
       const pcm = new Uint8Array(e.data.pcm);
       const frame = new Uint8Array(pcm.length + 1);
@@ -357,8 +444,10 @@
     };
   }
 
-  function teardown() {
+  function teardown(state) {
     stats.connected = false;
+    turn = null;
+    lastVoiceAt = null;
     if (ws) {
       const w = ws;
       ws = null;
@@ -370,7 +459,7 @@
     ctx = null;
     playing = false;
     buffered = 0;
-    $('conn-state').textContent = 'disconnected';
+    $('conn-state').textContent = typeof state === 'string' ? state : 'disconnected';
     setButtons(false);
     render();
   }
@@ -378,13 +467,17 @@
   // ------------------------------------------------------------------ wiring
   $('controls').addEventListener('submit', (e) => e.preventDefault());
   $('connect').addEventListener('click', connect);
-  $('disconnect').addEventListener('click', teardown);
+  $('disconnect').addEventListener('click', () => {
+    closing = true;
+    teardown();
+  });
+  $('banner-close').addEventListener('click', clearBanner);
   $('turn-mode').addEventListener('change', () => {
     setButtons(stats.connected);
     if (stats.connected) sessionUpdate();
   });
   $('send-turn').addEventListener('click', () => {
-    turnEndAt = performance.now();
+    handOver('send_turn');
     send({ type: 'input_audio_buffer.commit' });
     send({ type: 'response.create' });
   });

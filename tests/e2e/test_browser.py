@@ -53,7 +53,13 @@ except ImportError:  # pragma: no cover - the [test] extra installs it
     pytest.skip("the playwright package is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 
-def chromium_flags(wav: Path) -> list[str]:
+def chromium_flags(wav: Path | None) -> list[str]:
+    """Headless flags; ``wav`` feeds the fake microphone (granted), None denies it."""
+    fake = ["--use-fake-device-for-media-stream"]
+    if wav is None:
+        mic = [*fake, "--deny-permission-prompts"]
+    else:
+        mic = ["--use-fake-ui-for-media-stream", *fake, f"--use-file-for-fake-audio-capture={wav}"]
     return [
         "--headless",
         "--no-sandbox",
@@ -64,9 +70,7 @@ def chromium_flags(wav: Path) -> list[str]:
         "--disable-component-update",
         "--disable-sync",
         "--autoplay-policy=no-user-gesture-required",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
+        *mic,
     ]
 
 
@@ -89,7 +93,7 @@ async def browser_page(tmp_path: Path) -> AsyncIterator[Any]:
     opened: list[Any] = []
     async with async_playwright() as pw:
 
-        async def open_page(wav: Path) -> tuple[Page, list[str]]:
+        async def open_page(wav: Path | None) -> tuple[Page, list[str]]:
             profile = tmp_path / f"profile{len(opened)}"
             context = await pw.chromium.launch_persistent_context(
                 str(profile),
@@ -99,7 +103,8 @@ async def browser_page(tmp_path: Path) -> AsyncIterator[Any]:
                 viewport={"width": 1200, "height": 900},
             )
             opened.append(context)
-            await context.grant_permissions(["microphone"])
+            if wav is not None:
+                await context.grant_permissions(["microphone"])
             page = context.pages[0] if context.pages else await context.new_page()
             console: list[str] = []
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
@@ -143,9 +148,15 @@ async def talk_and_listen(page: Page, console: list[str], base: str, expect_user
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
     s = await stats(page)
+    assert s["banner"] is None and await page.is_hidden("#banner")
     assert s["framesReceived"] > 0 and s["samplesReceived"] > 0
     assert s["acksCommitted"] > 0  # the server answered the acks (playback.committed)
     assert s["latenciesMs"] and all(0 < ms < 15000 for ms in s["latenciesMs"])
+    # Latency starts at the end of the user's speech: server VAD hands the turn over only
+    # after its silence_duration_ms (500 ms) of silence, so that much is inside the figure.
+    vad_turns = [t for t in s["turns"] if t["signal"] == "speech_stopped"]
+    assert vad_turns, s["turns"]
+    assert all(t["handoverMs"] >= 400 and t["latencyMs"] >= t["handoverMs"] for t in vad_turns), vad_turns
     assert s["errors"] == [], s["errors"]
     assert not [line for line in console if line.startswith(("error", "pageerror"))], console
     indicator = await page.inner_text("#indicator")
@@ -180,10 +191,21 @@ async def test_browser_demo_with_the_scripted_engine(
         "document.querySelectorAll('#transcript li.assistant:not(.pending)').length >= 2", timeout=20000
     )
     await page.screenshot(path=str(ARTIFACTS / "browser_demo_scripted_duplex.png"), full_page=True)
+    await page.wait_for_function("window.duplexStats.turns.some((t) => t.mode === 'duplex')", timeout=20000)
     after = await stats(page)
     assert after["framesStale"] == 0 or after["flushes"] > 0  # stale frames only ever follow a flush
     assert after["errors"] == [], after["errors"]
+    # Duplex latency starts where turn mode's does, at the end of the user's speech: the
+    # scripted model takes the turn only after a whole silent 100 ms chunk, so the figure
+    # holds at least that, plus the time from the model's speak to the first sample played.
+    duplex = [t for t in after["turns"] if t["mode"] == "duplex"]
+    assert all(t["signal"] == "response.speak" for t in duplex), duplex
+    assert all(t["handoverMs"] >= 100 and t["latencyMs"] > t["handoverMs"] for t in duplex), duplex
+    # The engine says what it is, on the page.
+    assert after["notice"] == "scripted test engine: it answers with tones, not words"
+    assert await page.inner_text("#notice") == after["notice"]
     await disconnect(page)
+    assert await page.is_hidden("#banner")  # a disconnect the user asked for is no error
 
 
 CASCADE = importlib.util.find_spec("duplexd.actors.engines.cascade") is not None
@@ -198,3 +220,50 @@ async def test_browser_demo_recognises_speech_with_the_cascade_engine(browser_pa
         text = (await page.inner_text("#transcript li.user")).lower()
         assert "paris" in text, text
         await disconnect(page)
+
+
+async def test_a_denied_microphone_shows_a_banner_saying_so(
+    browser_page: Any, browser_scripted_server: ServerProcess
+) -> None:
+    page, console = await browser_page(None)
+    await page.goto(f"http://{browser_scripted_server.base}/")
+    assert await page.is_hidden("#banner")
+    await page.click("#connect")
+    await page.wait_for_selector("#banner:not([hidden])", timeout=10000)
+    text = await page.inner_text("#banner-text")
+    assert "Microphone access was denied" in text and "Connect again" in text, text
+    assert await page.inner_text("#conn-state") == "microphone denied"
+    s = await stats(page)
+    assert s["errors"] and s["errors"][0]["code"] == "microphone_denied", s["errors"]
+    assert not s["connected"] and await page.is_enabled("#connect")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "browser_demo_mic_denied.png"), full_page=True)
+    await page.click("#banner-close")
+    assert await page.is_hidden("#banner")
+
+
+async def test_connection_problems_show_a_banner(browser_page: Any, tmp_path: Path) -> None:
+    page, _ = await browser_page(mic_wav(SPEECH / "hello.wav", tmp_path / "mic.wav"))
+    server = ServerProcess(
+        sections={"server": {"api_keys": ["k-browser-test"]}, "engines.scripted": {"reply_ms": 2000}}
+    )
+    with server:
+        await page.goto(f"http://{server.base}/")
+        # No key: the websocket is refused (401) before it opens.
+        await page.click("#connect")
+        await page.wait_for_selector("#banner:not([hidden])", timeout=15000)
+        assert "Could not connect to ws://" in await page.inner_text("#banner-text")
+        assert "API key" in await page.inner_text("#banner-text")
+        assert await page.inner_text("#conn-state") == "connection failed"
+        # With the key it connects, and the banner goes.
+        await page.fill("#api-key", "k-browser-test")
+        await page.click("#connect")
+        await page.wait_for_function("window.duplexStats.connected && window.duplexStats.sessionId", timeout=15000)
+        assert await page.is_hidden("#banner")
+        server.stop()  # SIGTERM: the server drains and closes the socket (1001)
+        await page.wait_for_selector("#banner:not([hidden])", timeout=30000)
+        assert "shutting down" in await page.inner_text("#banner-text")
+        # Nothing listens any more: connecting again says the server is not there.
+        await page.click("#connect")
+        await page.wait_for_function("window.duplexStats.banner && !window.duplexStats.banner.includes('shutting')")
+        assert "is the server still running?" in await page.inner_text("#banner-text")
