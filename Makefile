@@ -8,7 +8,7 @@ PORT ?=
 HOST ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint install install-test clean
+.PHONY: run test bench lint install install-test clients clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,19 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -q -e '.[cascade,hf,test]'
 	touch $@
 
+# The realtime client libraries of the e2e tests (Pipecat, LiveKit Agents, the OpenAI Agents
+# SDK) in a venv of their own: they pin websockets<17 and protobuf<7, and the server's venv
+# must stay what `make run` installs. ~1 min on 2 cores.
+VENV_CLIENTS ?= .venv-clients
+
+$(VENV_CLIENTS)/.installed: requirements/clients.txt
+	$(PYTHON) -m venv $(VENV_CLIENTS)
+	$(VENV_CLIENTS)/bin/python -m pip install -q --upgrade pip
+	$(VENV_CLIENTS)/bin/python -m pip install -q -r requirements/clients.txt
+	touch $@
+
+clients: $(VENV_CLIENTS)/.installed
+
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
@@ -38,7 +51,7 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(VENV)/bin/duplexd serve --config $(CONFIG)$(if $(PORT), --port $(PORT))$(if $(HOST), --host $(HOST))
 
-test: install-test
+test: install-test clients
 	-@sh tests/e2e/install_chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -49,4 +62,4 @@ lint: install-test
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV_CLIENTS) .pytest_cache
