@@ -27,8 +27,11 @@ from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     PROTOCOL_VERSION,
+    AudioChunk,
     AudioOut,
+    ChunksAnswered,
     ClusterStatus,
+    Decision,
     Drain,
     EngineInfo,
     ErrorEvent,
@@ -101,6 +104,8 @@ class _Bound:
     stage0: bytes | None
     stage1: bytes | None
     first_audio_logged: str = ""
+    chunk_sent: int = -1  # newest chunk_seq sent to stage0
+    decision_shown: int = -1  # newest chunk_seq whose Decision reached the adapter
 
 
 class SessionHost:
@@ -265,7 +270,11 @@ class SessionHost:
 
     def _observe(self, b: _Bound, out: Out, now: float) -> None:
         msg = out.msg
-        if isinstance(msg, ResponseDone):
+        if isinstance(msg, AudioChunk):
+            b.chunk_sent = msg.chunk_seq
+        elif isinstance(msg, Decision):
+            b.decision_shown = msg.chunk_seq
+        elif isinstance(msg, ResponseDone):
             RESPONSES.labels(status=msg.response.status.value).inc()
             log(
                 _log,
@@ -293,6 +302,13 @@ class SessionHost:
                 code=msg.code,
                 error=msg.message,
             )
+
+    def _chunks_answered(self, sid: str, through_seq: int) -> None:
+        """Tell the adapter stage0 got this far with answers no Decision showed."""
+        b = self.sessions.get(sid)
+        if b is None or through_seq < 0 or b.adapter not in self.peers:
+            return
+        self._send(b.adapter, DATA, ChunksAnswered(sid, b.actor.epoch, through_seq))
 
     def _schedule(self, sid: str, deadline: float | None) -> None:
         cur = self._timers.get(sid)
@@ -357,6 +373,8 @@ class SessionHost:
                 if b is not None:
                     b.actor.on_stage_error(msg, now, msg.chunk_seq if msg.chunk_seq >= 0 else None)
                     self._flush(sid)
+                    if msg.role == Role.STAGE0 and msg.chunk_seq >= 0:
+                        self._chunks_answered(sid, msg.chunk_seq)
             case _:
                 log(_log, logging.DEBUG, "ignored control message", type=type(msg).__name__, peer=peer.name)
 
@@ -407,7 +425,10 @@ class SessionHost:
                 b.stage1 = None
             b.actor.on_stage_lost(peer.role, now)
             self._flush(sid)
-            self._rebind(sid, peer.role)
+            if peer.role == Role.STAGE0:
+                self._chunks_answered(sid, b.chunk_sent)  # lost: no answer will come
+            if sid in self.sessions:
+                self._rebind(sid, peer.role)
 
     def _rebind_orphans(self, peer: Peer) -> None:
         for sid, b in self.sessions.items():
@@ -521,6 +542,10 @@ class SessionHost:
             if msg.epoch < actor.epoch:
                 STALE_DROPPED.labels(hop="host").inc()
             actor.on_stage0(msg, now)
+            self._flush(msg.session_id)
+            if b.decision_shown < msg.chunk_seq:
+                self._chunks_answered(msg.session_id, msg.chunk_seq)  # answered, but not shown
+            return
         elif isinstance(msg, AudioOut):
             if r.identity != b.stage1:
                 return

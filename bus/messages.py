@@ -604,6 +604,21 @@ class Decision(_Wire, frozen=True, tag="decision"):
     cost_ms: float = 0.0
 
 
+class ChunksAnswered(_Wire, frozen=True, tag="chunks_answered"):
+    """Host → adapter: every stage0 chunk of the session up to ``through_seq`` has had its
+    one answer (stage0 answers in order).
+
+    A :class:`Decision` answers its own chunk; this event covers the answers no Decision
+    shows: a result of an epoch a barge-in ended, a stage error, chunks lost with a dead
+    stage0. An adapter that paces its output by its input (the demo bridge) learns how
+    far stage0 got from the two, without asking.
+    """
+
+    session_id: str
+    epoch: int
+    through_seq: int
+
+
 class ResponseCreated(_Wire, frozen=True, tag="response_created"):
     session_id: str
     epoch: int
@@ -732,6 +747,7 @@ SessionEvent = (
     | ItemDone
     | InputTranscript
     | Decision
+    | ChunksAnswered
     | ResponseCreated
     | AudioOut
     | TextOut
@@ -743,6 +759,10 @@ SessionEvent = (
     | Snapshot
     | ErrorEvent
 )
+
+# What a protocol handler receives from its session link: the session events, in order, plus
+# the epoch advances the link takes off the control plane (flush playback now).
+AdapterEvent = SessionEvent | EpochAdvance
 
 # Hello travels on the data plane too: the host learns the peer's data route from it.
 DataMessage = Hello | ClientCommand | StageData | SessionEvent

@@ -269,7 +269,7 @@ async def test_barge_in_force_listen_and_controls(bridge_server: BridgeServer, d
     bad: list[tuple[Any, str]] = [
         ("{not json", "invalid JSON"),
         ({"type": "warp_drive"}, "Unknown message type"),
-        ({"type": "audio_chunk"}, "Missing audio_base64"),
+        ({"type": "audio_chunk"}, "audio_base64"),
         ({"type": "audio_chunk", "audio_base64": "%%%"}, "base64"),
         ({"type": "audio_chunk", "audio_base64": base64.b64encode(b"\x00\x00\x80").decode()}, "4-byte"),
         ({"type": "prepare", "config": {"sample_rate": 12345}}, "sample_rate"),

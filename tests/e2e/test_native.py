@@ -102,13 +102,13 @@ async def test_every_turn_mode_and_overlap_knob_is_settable(native_server: Serve
 
     # Bad settings are rejected as a whole: an error event, nothing changed, session alive.
     for bad, param in [
-        ({"overlap": {"short_ack_ms": "long"}}, "session"),
-        ({"overlap": {"no_such_knob": 1}}, "session"),
-        ({"turn_detection": {"type": "semantic_vad"}}, "turn_detection.type"),
-        ({"turn_detection": {"type": "server_vad", "bogus": 1}}, "turn_detection.bogus"),
-        ({"turn_mode": "full_auto", "commit_policy": "ack_only"}, "session"),
-        ({"input_audio_format": {"encoding": "mp3"}}, "input_audio_format.encoding"),
-        ({"audio_transport": "carrier_pigeon"}, "audio_transport"),
+        ({"overlap": {"short_ack_ms": "long"}}, "session.overlap.short_ack_ms"),
+        ({"overlap": {"no_such_knob": 1}}, "session.overlap.no_such_knob"),
+        ({"turn_detection": {"type": "psychic"}}, "session.turn_detection.type"),
+        ({"turn_detection": {"type": "server_vad", "bogus": 1}}, "session.turn_detection.bogus"),
+        ({"turn_mode": "full_auto", "commit_policy": "ack_only"}, "session.turn_mode"),
+        ({"input_audio_format": {"encoding": "mp3"}}, "session.input_audio_format.encoding"),
+        ({"audio_transport": "carrier_pigeon"}, "session.audio_transport"),
     ]:
         n = len(c.events)
         await c.send({"type": "session.update", "session": bad, "event_id": "evt_bad"})

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from websockets.datastructures import Headers
 
 from duplexd.adapters.audio import AudioFormat
-from duplexd.adapters.protocol import ClientError
+from duplexd.adapters.validation import ClientError
 from duplexd.adapters.realtime import is_beta
 from duplexd.adapters.realtime_events import render_response, status_details, usage
 from duplexd.adapters.realtime_session import (
