@@ -5,8 +5,9 @@ iteration drains the whole control plane before taking a bounded batch of data, 
 cancel or epoch advance is applied before any audio queued behind it is looked at.
 
 Peers (adapters, stage0s, stage1s) say Hello on both planes; the host answers Ready,
-tracks their heartbeats and turns a silent or departed peer into typed failures for the
-sessions it served. Sessions are bound to the least-loaded stage of each kind.
+tracks their heartbeats (the rules: :class:`~duplexd.bus.liveness.PeerBook`) and turns a
+silent or departed peer into typed failures for the sessions it served. Sessions are
+bound to the least-loaded stage of each kind.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from duplexd.actors.session import Dest, HostSettings, Out, SessionActor
 from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.liveness import HelloVerdict, PeerBook, PeerLife
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     PROTOCOL_VERSION,
@@ -32,7 +34,6 @@ from duplexd.bus.messages import (
     ChunksAnswered,
     ClusterStatus,
     Decision,
-    Drain,
     EngineInfo,
     ErrorEvent,
     Goodbye,
@@ -40,6 +41,7 @@ from duplexd.bus.messages import (
     Hello,
     HelloRequired,
     MetricSample,
+    NoNewSessions,
     Ready,
     Refused,
     ResponseCancel,
@@ -81,16 +83,32 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass(slots=True)
 class Peer:
-    identity: bytes
-    role: Role
-    pid: int
-    hostname: str
+    """A connected process: its liveness record plus what the host routes to it."""
+
+    life: PeerLife
     engine: EngineInfo | None
-    planes: set[str] = field(default_factory=set)
-    ready: bool = False
-    last_seen: float = 0.0
     sessions: set[str] = field(default_factory=set)
     metrics: tuple[MetricSample, ...] = ()
+
+    @property
+    def identity(self) -> bytes:
+        return self.life.identity
+
+    @property
+    def role(self) -> Role:
+        return self.life.role
+
+    @property
+    def pid(self) -> int:
+        return self.life.pid
+
+    @property
+    def hostname(self) -> str:
+        return self.life.hostname
+
+    @property
+    def ready(self) -> bool:
+        return self.life.ready
 
     @property
     def name(self) -> str:
@@ -128,6 +146,7 @@ class SessionHost:
         self.metrics_interval = metrics_interval_s
         self.max_data = max_data
         self.instance = uuid.uuid4().hex[:12]
+        self.book = PeerBook(heartbeat_interval_s, heartbeat_timeout_s, metrics_interval_s)
         self.peers: dict[bytes, Peer] = {}
         self.sessions: dict[str, _Bound] = {}
         self.draining = False
@@ -136,9 +155,7 @@ class SessionHost:
         self._waiter: AsyncWaiter | None = None
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._clock = clock
-        self._hb_seq = 0
         self._bad_seen = 0
-        self._last_metrics = 0.0
         self._status_dirty = True
         self._hostname = socket.gethostname()
 
@@ -164,10 +181,10 @@ class SessionHost:
         try:
             while not self._stop.is_set():
                 await waiter.wait(self.hb_interval)
-                for r in chan.drain(CONTROL):
+                for r in chan.recv_batch(CONTROL):
                     BUS_MESSAGES.labels(plane="control").inc()
                     self._on_control(r)
-                for r in chan.drain(DATA, self.max_data):
+                for r in chan.recv_batch(DATA, self.max_data):
                     BUS_MESSAGES.labels(plane="data").inc()
                     self._on_data(r)
                 if chan.bad_frames.count != self._bad_seen:
@@ -187,12 +204,12 @@ class SessionHost:
         if self._waiter:
             self._waiter.wake()
 
-    async def drain_and_stop(self, timeout_s: float) -> None:
-        """SIGTERM: refuse new sessions, let active responses finish, then stop."""
+    async def drain(self, timeout_s: float) -> None:
+        """SIGTERM drain: refuse new sessions, let active responses finish, then stop."""
         self.draining = True
         self._status_dirty = True
         for p in self.peers.values():
-            self._send(p.identity, CONTROL, Drain("host draining"))
+            self._send(p.identity, CONTROL, NoNewSessions("host draining"))
         deadline = self.now() + timeout_s
         while self.now() < deadline and any(b.actor.response for b in self.sessions.values()):  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # responses end through the bus loop; poll their state
@@ -334,16 +351,15 @@ class SessionHost:
     # ------------------------------------------------------------------ control plane
     def _on_control(self, r: Received) -> None:
         msg = r.msg
-        peer = self.peers.get(r.identity)
         if isinstance(msg, Hello):
             self._on_hello(r.identity, msg, CONTROL)
             return
-        if peer is None:
+        now = self.now()
+        peer = self.peers.get(r.identity)
+        if peer is None or self.book.seen(r.identity, now) is None:
             # A peer we do not know (we restarted): ask it to say hello again.
             self._send(r.identity, CONTROL, HelloRequired(self.instance))
             return
-        peer.last_seen = self.now()
-        now = peer.last_seen
         match msg:
             case Heartbeat(metrics=metrics):
                 if metrics:
@@ -379,7 +395,8 @@ class SessionHost:
                 log(_log, logging.DEBUG, "ignored control message", type=type(msg).__name__, peer=peer.name)
 
     def _on_hello(self, identity: bytes, hello: Hello, plane: str) -> None:
-        if hello.protocol_version != PROTOCOL_VERSION:
+        out = self.book.hello(identity, hello, plane, self.now())
+        if out.verdict == HelloVerdict.REFUSED:
             log(
                 _log,
                 logging.ERROR,
@@ -388,28 +405,30 @@ class SessionHost:
                 theirs=hello.protocol_version,
                 ours=PROTOCOL_VERSION,
             )
-            self._send(identity, CONTROL, Refused(f"protocol version {hello.protocol_version} unsupported"))
+            self._send(identity, CONTROL, Refused(out.reason))
             return
+        assert out.peer is not None
+        old = self.peers.get(identity)
+        if old is not None and old.life is not out.peer:
+            self._peer_gone(old, "replaced by a new process")
         peer = self.peers.get(identity)
-        if peer is None or peer.pid != hello.pid:
-            if peer is not None:
-                self._peer_gone(peer, "replaced by a new process")
-            peer = self.peers[identity] = Peer(identity, hello.role, hello.pid, hello.hostname, hello.engine)
-        peer.planes.add(plane)
-        peer.last_seen = self.now()
-        if not peer.ready and peer.planes == {CONTROL, DATA}:
-            peer.ready = True
+        if peer is None:
+            peer = self.peers[identity] = Peer(out.peer, hello.engine)
+        if out.verdict == HelloVerdict.READY:
             log(_log, logging.INFO, "peer ready", peer=peer.name, peer_role=peer.role.value, peer_pid=peer.pid)
             self._send(identity, CONTROL, Ready(PROTOCOL_VERSION, self.instance))
             self._status_dirty = True
             if peer.role in (Role.STAGE0, Role.STAGE1):
                 self._rebind_orphans(peer)
-        elif peer.ready and plane == CONTROL:
+        elif out.verdict == HelloVerdict.READY_AGAIN:
             self._send(identity, CONTROL, Ready(PROTOCOL_VERSION, self.instance))  # a retried hello
 
     def _peer_gone(self, peer: Peer, reason: str) -> None:
-        if self.peers.pop(peer.identity, None) is None:
+        if self.peers.get(peer.identity) is not peer:
             return
+        del self.peers[peer.identity]
+        if self.book.peers.get(peer.identity) is peer.life:
+            self.book.forget(peer.identity)
         self._status_dirty = True
         now = self.now()
         for sid in list(peer.sessions):
@@ -559,31 +578,31 @@ class SessionHost:
     # ------------------------------------------------------------------ liveness and status
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.hb_interval)
-            self._hb_seq += 1
+            await asyncio.sleep(max(0.01, self.book.wait_s(self.now())))
             now = self.now()
+            # Same machine: a dead process is known at once, no need to wait for heartbeats.
+            for life, reason in self.book.dead(now, self._hostname, lambda pid: not _pid_alive(pid)):
+                peer = self.peers.get(life.identity)
+                if peer is None:
+                    self.book.forget(life.identity)
+                    continue
+                log(
+                    _log,
+                    logging.ERROR,
+                    "peer dead",
+                    peer=peer.name,
+                    peer_role=peer.role.value,
+                    reason=reason,
+                    silent_s=round(now - life.last_seen, 2),
+                )
+                self._peer_gone(peer, reason)
+            beat = self.book.heartbeat_due(now)
+            if beat is None:
+                continue
             for p in list(self.peers.values()):
-                if p.hostname == self._hostname and not _pid_alive(p.pid):
-                    # Same machine: a dead process is known at once, no need to wait for heartbeats.
-                    log(_log, logging.ERROR, "peer process exited", peer=p.name, peer_role=p.role.value)
-                    self._peer_gone(p, "process exited")
-                    continue
-                if not p.ready:
-                    continue
-                if now - p.last_seen > self.hb_timeout:
-                    log(
-                        _log,
-                        logging.ERROR,
-                        "peer missed heartbeats; declaring it dead",
-                        peer=p.name,
-                        peer_role=p.role.value,
-                        silent_s=round(now - p.last_seen, 2),
-                    )
-                    self._peer_gone(p, "heartbeat timeout")
-                    continue
-                self._send(p.identity, CONTROL, Heartbeat(self._hb_seq, "host", host_instance=self.instance))
-            if now - self._last_metrics >= self.metrics_interval:
-                self._last_metrics = now
+                if p.ready:
+                    self._send(p.identity, CONTROL, Heartbeat(beat.seq, "host", host_instance=self.instance))
+            if beat.with_metrics:
                 self._status_dirty = True
             if self._status_dirty:
                 self._broadcast_status()

@@ -1,6 +1,7 @@
 """Stage1 actor: turns handoffs into assistant audio, one chunk per session per step.
 
-Output is pcm16 at 24 kHz; a talker with another native rate is resampled here with a
+Output is the bus output format (:mod:`duplexd.bus.audio_format`: pcm16 24 kHz); a talker
+with another native rate is resampled here with a
 streaming soxr resampler per turn. Generation is paced to stay at most ``max_lead_ms``
 ahead of real time per turn, so a barge-in discards little server-side audio and
 memory stays bounded. An epoch advance aborts the session's synthesis between steps.
@@ -19,12 +20,12 @@ import soxr
 from duplexd.actors.engines.base import EngineError, Talker, TalkerChunk, TalkerInput
 from duplexd.actors.worker import StageWorker, WorkerOptions
 from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.audio_format import OUTPUT_RATE
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import AudioOut, EngineInfo, Handoff, Role, SessionConfig
 from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
 
 _log = get_logger(__name__)
-OUTPUT_RATE = 24000
 
 
 @dataclass(slots=True)

@@ -88,12 +88,12 @@ class TurnState(enum.StrEnum):
 
 
 class EngineInfo(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What the engine needs from the adapter: native input format and output format."""
+    """What the engine needs from the adapter: its native input format. (Output needs no
+    field: it always reaches the adapter in the bus format, bus/audio_format.py.)"""
 
     name: str
     input_rate: int = 16000
     chunk_samples: int = 1600
-    output_rate: int = 24000
 
 
 class VadParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -337,8 +337,8 @@ class StageError(_Wire, frozen=True, tag="stage_error"):
     chunk_seq: int = -1  # stage0: the chunk this error answers
 
 
-class Drain(_Wire, frozen=True, tag="drain"):
-    """Supervisor/host → everyone: stop taking new sessions."""
+class NoNewSessions(_Wire, frozen=True, tag="no_new_sessions"):
+    """Host → every peer: the server is draining (SIGTERM): no new sessions from now on."""
 
     reason: str = ""
 
@@ -712,7 +712,7 @@ ControlMessage = (
     | StageOpen
     | StageClose
     | StageError
-    | Drain
+    | NoNewSessions
 )
 
 # Commands from the adapter that travel in order with the audio on the data plane.

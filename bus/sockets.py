@@ -2,7 +2,8 @@
 
 The session host binds one ROUTER per plane; every other process (adapter, stage0,
 stage1) connects one DEALER per plane with a fixed identity and says ``Hello`` on both
-(so the host can route to it on both), then waits for ``Ready`` on control.
+(so the host can route to it on both), then waits for ``Ready`` on control. The rules
+of the handshake and of heartbeats are :mod:`duplexd.bus.liveness`; this module does the IO.
 
 Sends never block: a full data queue raises :class:`Backpressure`, which callers turn
 into a clear overload error instead of unbounded memory.
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,14 +23,8 @@ import zmq
 
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.codec import CodecError, Encoder, control_decoder, data_decoder
-from duplexd.bus.messages import (
-    PROTOCOL_VERSION,
-    Hello,
-    Message,
-    Plane,
-    Ready,
-    Refused,
-)
+from duplexd.bus.liveness import Handshake, HandshakeError
+from duplexd.bus.messages import Hello, Message, Plane, Ready
 
 CONTROL: Plane = "control"
 DATA: Plane = "data"
@@ -39,10 +34,6 @@ _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 
 class Backpressure(Exception):
     """A data queue toward a peer is full, or the peer is not connected."""
-
-
-class HandshakeError(Exception):
-    """The host did not answer Hello in time, or refused us."""
 
 
 @dataclass(slots=True)
@@ -135,7 +126,8 @@ class Channel:
                 continue
             return Received(plane, identity, msg, parts)
 
-    def drain(self, plane: Plane, limit: int = 1 << 30) -> Iterator[Received]:
+    def recv_batch(self, plane: Plane, limit: int = 1 << 30) -> Iterator[Received]:
+        """Up to ``limit`` messages already queued on ``plane`` (never waits)."""
         for _ in range(limit):
             r = self.recv_nowait(plane)
             if r is None:
@@ -200,34 +192,23 @@ def say_hello(chan: Channel, hello: Hello) -> None:
     chan.send(DATA, hello)
 
 
-def check_ready(msg: Any) -> Ready | None:
-    if isinstance(msg, Refused):
-        raise HandshakeError(
-            f"host refused: {msg.reason} (host protocol {msg.protocol_version}, ours {PROTOCOL_VERSION})"
-        )
-    if isinstance(msg, Ready):
-        if msg.protocol_version != PROTOCOL_VERSION:
-            raise HandshakeError(f"host speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}")
-        return msg
-    return None
-
-
-def handshake(chan: Channel, hello: Hello, timeout_s: float, retry_s: float = 1.0) -> Ready:
-    """Blocking HELLO → READY for stage workers. Other control messages before Ready are
-    dropped (the host only talks to us after Ready)."""
-    deadline = time.monotonic() + timeout_s
-    next_hello = 0.0
+def handshake(
+    chan: Channel, hello: Hello, timeout_s: float, retry_s: float = 1.0, stopped: Callable[[], bool] | None = None
+) -> Ready:
+    """Blocking HELLO → READY for stage workers (the rules: :class:`Handshake`). Other
+    control messages before Ready are dropped (the host only talks to us after Ready).
+    ``stopped``: give up at once when it turns true (a shutdown while the host is away)."""
+    hs = Handshake(time.monotonic(), timeout_s, retry_s)
     while True:
+        if stopped is not None and stopped():
+            raise HandshakeError("stopped while waiting for the session host")
         now = time.monotonic()
-        if now >= deadline:
-            raise HandshakeError(f"no Ready from the session host within {timeout_s:.1f}s")
-        if now >= next_hello:
+        if hs.hello_due(now):
             say_hello(chan, hello)
-            next_hello = now + retry_s
-        ctl_ready, _ = chan.poll(int(min(deadline, next_hello) * 1000 - now * 1000) + 1)
+        ctl_ready, _ = chan.poll(int(min(hs.wait_s(now), 0.25) * 1000) + 1)
         if ctl_ready:
-            for r in chan.drain(CONTROL):
-                ready = check_ready(r.msg)
+            for r in chan.recv_batch(CONTROL):
+                ready = hs.on_control(r.msg)
                 if ready is not None:
                     return ready
 
@@ -274,22 +255,19 @@ class AsyncWaiter:
 async def handshake_async(
     chan: Channel, waiter: AsyncWaiter, hello: Hello, timeout_s: float, retry_s: float = 1.0
 ) -> Ready:
-    """HELLO → READY for the asyncio side (adapter)."""
-    deadline = time.monotonic() + timeout_s
+    """HELLO → READY for the asyncio side (adapter); the rules: :class:`Handshake`."""
+    hs = Handshake(time.monotonic(), timeout_s, retry_s)
     while True:
         now = time.monotonic()
-        if now >= deadline:
-            raise HandshakeError(f"no Ready from the session host within {timeout_s:.1f}s")
-        say_hello(chan, hello)
-        waiter.wake()
-        until = min(deadline, now + retry_s)
-        while time.monotonic() < until:
-            ctl_ready, _ = await waiter.wait(until - time.monotonic())
-            if ctl_ready:
-                for r in chan.drain(CONTROL):
-                    ready = check_ready(r.msg)
-                    if ready is not None:
-                        return ready
+        if hs.hello_due(now):
+            say_hello(chan, hello)
+            waiter.wake()
+        ctl_ready, _ = await waiter.wait(hs.wait_s(now))
+        if ctl_ready:
+            for r in chan.recv_batch(CONTROL):
+                ready = hs.on_control(r.msg)
+                if ready is not None:
+                    return ready
 
 
 def peer_identity(role: str, suffix: str | None = None) -> str:

@@ -49,7 +49,7 @@ def run_host(cfg: Config) -> int:
         def on_signal() -> None:
             if not host.draining:
                 sdnotify.stopping()
-                t = loop.create_task(host.drain_and_stop(cfg.server.drain_timeout_s))
+                t = loop.create_task(host.drain(cfg.server.drain_timeout_s))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
 

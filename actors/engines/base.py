@@ -17,6 +17,7 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
+from duplexd.bus.audio_format import OUTPUT_RATE
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, HistoryEntry, SessionConfig
 
 
@@ -118,9 +119,10 @@ class Thinker(abc.ABC):
 
 
 class Talker(abc.ABC):
-    """Stage1: turns handoffs into assistant audio chunks at ``output_rate``."""
+    """Stage1: turns handoffs into assistant audio chunks at ``output_rate``, the talker's
+    native rate (stage1 resamples it to the bus output format)."""
 
-    output_rate: int = 24000
+    output_rate: int = OUTPUT_RATE
 
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load weights (from a local path); called once before warm_up."""

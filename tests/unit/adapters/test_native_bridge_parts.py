@@ -51,7 +51,11 @@ def test_full_keeps_defaults_that_the_wire_omits() -> None:
         ),
         ({"max_output_tokens": 40}, "server_vad", {"max_output_tokens": 40}),
         ({"turn_mode": "duplex", "overlap": {"barge_in_ms": 900}}, "duplex", {"overlap.barge_in_ms": 900}),
-        ({"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}, "server_vad", {"vad.silence_duration_ms": 400}),
+        (
+            {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}},
+            "server_vad",
+            {"vad.silence_duration_ms": 400},
+        ),
         ({"instructions": None, "voice": None, "vad": None}, "server_vad", {"instructions": ""}),
     ],
 )
@@ -94,9 +98,8 @@ def test_native_input_formats_and_a_voice_change_keeps_the_format() -> None:
     assert fmt == mulaw
     _, fmt, _ = apply_native_update(SessionConfig(), mulaw, {"audio": {"output": {"voice": "joe"}}})
     assert fmt == mulaw
-    _, fmt, transport = apply_native_update(
-        SessionConfig(), mulaw, {"input_audio_format": {"encoding": "float32", "rate": 16000}, "audio_transport": "json"}
-    )
+    f32 = {"input_audio_format": {"encoding": "float32", "rate": 16000}, "audio_transport": "json"}
+    _, fmt, transport = apply_native_update(SessionConfig(), mulaw, f32)
     assert fmt == AudioFormat("float32", 16000) and transport == "json"
     _, fmt, _ = apply_native_update(SessionConfig(), mulaw, {"audio": {"input": {"format": {"type": "audio/pcm"}}}})
     assert fmt == AudioFormat("pcm16", 24000)

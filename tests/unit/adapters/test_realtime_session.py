@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from websockets.datastructures import Headers
 
 from duplexd.adapters.audio import AudioFormat
-from duplexd.adapters.validation import ClientError
 from duplexd.adapters.realtime import is_beta
 from duplexd.adapters.realtime_events import render_response, status_details, usage
 from duplexd.adapters.realtime_session import (
@@ -25,6 +24,7 @@ from duplexd.adapters.realtime_session import (
     render_session,
     response_options,
 )
+from duplexd.adapters.validation import ClientError
 from duplexd.bus.messages import (
     ContentPart,
     Item,
