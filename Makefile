@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONFIG ?= configs/default.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint install install-test clean
+.PHONY: run test bench lint typecheck install install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,15 @@ test: install-test
 bench: install-test
 	$(PY) -m tests.bench
 
+# ruff, then mypy (strict; see [tool.mypy] in pyproject.toml). mypy reads duplexd.* through
+# build/typecheck, a link tree setup.py makes from the top-level folders.
 lint: install-test
 	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory typecheck
+
+typecheck: install-test
+	$(PY) -c 'import runpy; runpy.run_path("setup.py")["link_tree"]("build/typecheck")'
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build

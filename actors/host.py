@@ -33,6 +33,8 @@ from duplexd.bus.messages import (
     AudioOut,
     ChunksAnswered,
     ClusterStatus,
+    ControlMessage,
+    DataMessage,
     Decision,
     EngineInfo,
     ErrorEvent,
@@ -40,8 +42,10 @@ from duplexd.bus.messages import (
     Heartbeat,
     Hello,
     HelloRequired,
+    Message,
     MetricSample,
     NoNewSessions,
+    Plane,
     Ready,
     Refused,
     ResponseCancel,
@@ -69,6 +73,10 @@ from duplexd.bus.metrics import (
 from duplexd.bus.sockets import CONTROL, DATA, AsyncWaiter, Backpressure, Channel, Received, bind_host
 
 _log = get_logger(__name__)
+
+
+def _plane(name: str) -> Plane:
+    return CONTROL if name == CONTROL else DATA
 
 
 def _pid_alive(pid: int) -> bool:
@@ -164,7 +172,7 @@ class SessionHost:
         return self._clock() if self._clock else time.monotonic()
 
     # ------------------------------------------------------------------ main loop
-    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+    async def serve(self, ready: Callable[[], object] | None = None) -> None:
         self._chan = chan = bind_host(self.addrs)
         self._waiter = waiter = AsyncWaiter(chan)
         log(
@@ -181,12 +189,12 @@ class SessionHost:
         try:
             while not self._stop.is_set():
                 await waiter.wait(self.hb_interval)
-                for r in chan.recv_batch(CONTROL):
+                for rc in chan.recv_batch(CONTROL):
                     BUS_MESSAGES.labels(plane="control").inc()
-                    self._on_control(r)
-                for r in chan.recv_batch(DATA, self.max_data):
+                    self._on_control(rc)
+                for rd in chan.recv_batch(DATA, self.max_data):
                     BUS_MESSAGES.labels(plane="data").inc()
-                    self._on_data(r)
+                    self._on_data(rd)
                 if chan.bad_frames.count != self._bad_seen:
                     BUS_BAD_FRAMES.inc(chan.bad_frames.count - self._bad_seen)
                     log(_log, logging.WARNING, "undecodable bus message", error=chan.bad_frames.last)
@@ -232,13 +240,13 @@ class SessionHost:
             self._chan.close(linger_ms=200)
 
     # ------------------------------------------------------------------ sending
-    def _send(self, identity: bytes, plane: str, msg: Any, frames: list[Any] | None = None) -> bool:
+    def _send(self, identity: bytes, plane: Plane, msg: Message, frames: list[Any] | None = None) -> bool:
         assert self._chan is not None
         try:
             if frames is not None:
-                self._chan.send_frames(plane, frames, identity)  # type: ignore[arg-type]
+                self._chan.send_frames(plane, frames, identity)
             else:
-                self._chan.send(plane, msg, identity)  # type: ignore[arg-type]
+                self._chan.send(plane, msg, identity)
             return True
         except Backpressure as exc:
             BACKPRESSURE.labels(hop=f"host-{plane}").inc()
@@ -258,7 +266,7 @@ class SessionHost:
                 dest = self._dest(b, out.dest)
                 if dest is None:
                     continue  # that stage is gone; the session is re-opened where it rebinds
-                if not self._send(dest, out.plane, out.msg, out.frames):
+                if not self._send(dest, _plane(out.plane), out.msg, out.frames):
                     if out.dest == Dest.ADAPTER:
                         adapter_stuck = True
                     else:
@@ -271,7 +279,7 @@ class SessionHost:
             for out in actor.drain():
                 dest = self._dest(b, out.dest)
                 if dest is not None and out.dest != Dest.ADAPTER:
-                    self._send(dest, out.plane, out.msg)
+                    self._send(dest, _plane(out.plane), out.msg)
         if actor.closed:
             self._forget(sid)
         else:
@@ -349,7 +357,7 @@ class SessionHost:
         self._flush(sid)
 
     # ------------------------------------------------------------------ control plane
-    def _on_control(self, r: Received) -> None:
+    def _on_control(self, r: Received[ControlMessage]) -> None:
         msg = r.msg
         if isinstance(msg, Hello):
             self._on_hello(r.identity, msg, CONTROL)
@@ -536,7 +544,7 @@ class SessionHost:
         log(_log, logging.INFO, "session closed", session_id=sid, epoch=b.actor.epoch)
 
     # ------------------------------------------------------------------ data plane
-    def _on_data(self, r: Received) -> None:
+    def _on_data(self, r: Received[DataMessage]) -> None:
         msg = r.msg
         if isinstance(msg, Hello):
             self._on_hello(r.identity, msg, DATA)

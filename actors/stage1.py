@@ -22,7 +22,7 @@ from duplexd.actors.worker import StageWorker, WorkerOptions
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.audio_format import OUTPUT_RATE
 from duplexd.bus.log import get_logger, log
-from duplexd.bus.messages import AudioOut, EngineInfo, Handoff, Role, SessionConfig
+from duplexd.bus.messages import AudioOut, EngineInfo, Handoff, Role, SessionConfig, StageData
 from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
 
 _log = get_logger(__name__)
@@ -40,7 +40,8 @@ class _Turn:
 
 
 def to_pcm16(x: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+    out: np.ndarray = np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return out
 
 
 class Stage1Worker(StageWorker):
@@ -80,7 +81,7 @@ class Stage1Worker(StageWorker):
         self.turns.pop(session_id, None)
         self.talker.abort(session_id)
 
-    def on_data(self, msg: Any) -> None:
+    def on_data(self, msg: StageData) -> None:
         if not isinstance(msg, Handoff):
             return
         sid = msg.session_id

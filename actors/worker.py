@@ -262,12 +262,12 @@ class StageWorker(abc.ABC):
             wait = self.watch.wait_s(now) if due is None else min(due, self.watch.wait_s(now))
             timeout_ms = max(0, int(wait * 1000))
         chan.poll(timeout_ms)
-        for r in chan.recv_batch(CONTROL):
+        for rc in chan.recv_batch(CONTROL):
             BUS_MESSAGES.labels(plane="control").inc()
-            self._on_control(r.msg)
-        for r in chan.recv_batch(DATA, self.opts.max_data):
+            self._on_control(rc.msg)
+        for rd in chan.recv_batch(DATA, self.opts.max_data):
             BUS_MESSAGES.labels(plane="data").inc()
-            msg = r.msg
+            msg = rd.msg
             if isinstance(msg, StageData) and self.is_current(msg.session_id, msg.epoch):
                 self.on_data(msg)
         if chan.bad_frames.count != self._bad_frames_seen:

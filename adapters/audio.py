@@ -62,7 +62,9 @@ def b64decode(data: str) -> bytes:
 
 
 def b64encode(data: bytes | memoryview | np.ndarray) -> str:
-    return base64.b64encode(memoryview(data).cast("B") if not isinstance(data, bytes) else data).decode()
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).data
+    return base64.b64encode(data if isinstance(data, bytes) else data.cast("B")).decode()
 
 
 def decode(raw: bytes | memoryview, fmt: AudioFormat) -> np.ndarray:
@@ -93,10 +95,11 @@ def encode(pcm_out: np.ndarray, fmt: AudioFormat, resampler: OutputResampler | N
         x = resampler.push(x) if resampler else soxr.resample(x, OUTPUT_RATE, fmt.rate)
     if fmt.encoding == "float32":
         return x.astype("<f4").tobytes()
-    lin = np.round(np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+    lin: bytes = np.round(np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
     if fmt.encoding == "pcm16":
         return lin
-    return audioop.lin2ulaw(lin, 2) if fmt.encoding == "pcmu" else audioop.lin2alaw(lin, 2)
+    out: bytes = audioop.lin2ulaw(lin, 2) if fmt.encoding == "pcmu" else audioop.lin2alaw(lin, 2)
+    return out
 
 
 class InputResampler:
@@ -110,13 +113,14 @@ class InputResampler:
     def push(self, x: np.ndarray) -> np.ndarray:
         if self._rs is None:
             return x
-        return self._rs.resample_chunk(x)
+        out: np.ndarray = self._rs.resample_chunk(x)
+        return out
 
     def flush(self) -> np.ndarray:
         """The resampler's tail (call before commit so the last milliseconds count)."""
         if self._rs is None:
             return np.zeros(0, dtype=np.float32)
-        tail = self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        tail: np.ndarray = self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._rs = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32")
         return tail
 

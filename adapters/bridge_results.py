@@ -175,21 +175,21 @@ class ResultPacer:
             case ChunksAnswered(through_seq=seq):
                 self._resolved = max(self._resolved, seq)
             case ResponseCreated(response=resp):
-                turn = AssistantTurn(resp.id, msg.epoch)
+                created = AssistantTurn(resp.id, msg.epoch)
                 if msg.epoch < self._link_epoch():
-                    turn.drop()  # cancelled before we heard of it
-                self._turns.append(turn)
+                    created.drop()  # cancelled before we heard of it
+                self._turns.append(created)
             case AudioOut():
-                turn = self._turn(msg.response_id)
-                if turn is not None:
-                    turn.add(np.asarray(msg.pcm, dtype=np.float32) / 32768.0, msg.text)
-                    turn.ended = turn.ended or msg.end_of_turn
+                playing = self._turn(msg.response_id)
+                if playing is not None:
+                    playing.add(np.asarray(msg.pcm, dtype=np.float32) / 32768.0, msg.text)
+                    playing.ended = playing.ended or msg.end_of_turn
             case ResponseDone(response=resp):
-                turn = self._turn(resp.id)
-                if turn is not None:
+                done = self._turn(resp.id)
+                if done is not None:
                     if resp.status in (ResponseStatus.CANCELLED, ResponseStatus.FAILED):
-                        self._cut(turn)
-                    turn.ended = True
+                        self._cut(done)
+                    done.ended = True
             case EpochAdvance(epoch=epoch):
                 # Output of older epochs is void (barge-in, cancel): drop what is queued, even
                 # of a response the host already finished but the client has not heard yet.
@@ -265,7 +265,7 @@ class ResultPacer:
             if self.generating():
                 self._cancel_active()
             self.cut_all()
-        turn = self._head_turn()
+        turn: AssistantTurn | None = self._head_turn()
         waited_from = time.monotonic()
         if turn is not None:
             # Wait for a full chunk of audio (or the turn's end), but not past the time the

@@ -357,13 +357,14 @@ class HostLink:
             await self._waiter.wait(self.watch.wait_s(time.monotonic()))
             now = time.monotonic()
             try:
-                for r in self._chan.recv_batch(CONTROL):
-                    self._on_control(r.msg, now)
-                for r in self._chan.recv_batch(DATA, 1024):
-                    msg = r.msg
-                    s = self.sessions.get(msg.session_id) if isinstance(msg, SessionEvent) else None
-                    if s is not None:
-                        s.deliver(msg)
+                for rc in self._chan.recv_batch(CONTROL):
+                    self._on_control(rc.msg, now)
+                for rd in self._chan.recv_batch(DATA, 1024):
+                    msg = rd.msg
+                    if isinstance(msg, SessionEvent):
+                        s = self.sessions.get(msg.session_id)
+                        if s is not None:
+                            s.deliver(msg)
             except _HostLost as exc:
                 self._host_lost(str(exc))
                 await self._connect()

@@ -149,7 +149,8 @@ class _Patch:
     keep_vad: bool = False  # VAD settings persist across turn kinds (the native session shows them)
 
     def vad(self, base: SessionConfig) -> VadParams:
-        return self.config.get("vad", base.vad)
+        vad: VadParams = self.config.get("vad", base.vad)
+        return vad
 
 
 def apply_update(
@@ -228,7 +229,8 @@ def _apply_field(p: _Patch, config: SessionConfig, key: str, value: Any) -> None
 
 def _voice(value: Any, param: str) -> str:
     if isinstance(value, dict) and isinstance(value.get("id"), str):
-        return value["id"]  # GA custom voice {"id": ...}
+        voice: str = value["id"]  # GA custom voice {"id": ...}
+        return voice
     return want_str(value, param)
 
 
@@ -532,7 +534,8 @@ def parse_item(value: Any, new_id: str, extra_keys: frozenset[str] = frozenset()
     for i, raw in enumerate(content):
         pp = f"item.content[{i}]"
         part = want_obj(raw, pp)
-        stored = _PART_TYPES.get((role, part.get("type")))
+        ptype = part.get("type")
+        stored = _PART_TYPES.get((role, ptype)) if isinstance(ptype, str) else None
         if stored is None:
             raise bad(f"{pp}.type", f"content type {part.get('type')!r} is not valid for a {role} message")
         if part.get("audio"):

@@ -771,8 +771,8 @@ Message = ControlMessage | DataMessage
 
 Plane = Literal["control", "data"]
 
-CONTROL_TYPES: tuple[type, ...] = ControlMessage.__args__  # type: ignore[attr-defined]
-DATA_TYPES: tuple[type, ...] = DataMessage.__args__  # type: ignore[attr-defined]
+CONTROL_TYPES: tuple[type, ...] = ControlMessage.__args__
+DATA_TYPES: tuple[type, ...] = DataMessage.__args__
 
 def pcm_ms(samples: int, rate: int) -> int:
     """Duration in whole milliseconds of ``samples`` at ``rate``."""

@@ -17,32 +17,36 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 import zmq
 
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.codec import CodecError, Encoder, control_decoder, data_decoder
 from duplexd.bus.liveness import Handshake, HandshakeError
-from duplexd.bus.messages import Hello, Message, Plane, Ready
+from duplexd.bus.messages import ControlMessage, DataMessage, Hello, Message, Plane, Ready
 
-CONTROL: Plane = "control"
-DATA: Plane = "data"
+CONTROL: Final = "control"
+DATA: Final = "data"
 CONTROL_HWM = 10_000
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
+Socket = zmq.Socket[bytes]
 
 
 class Backpressure(Exception):
     """A data queue toward a peer is full, or the peer is not connected."""
 
 
+_M = TypeVar("_M", ControlMessage, DataMessage)
+
+
 @dataclass(slots=True)
-class Received:
+class Received(Generic[_M]):
     """One message off a socket: who sent it (ROUTER side), what, and its raw frames."""
 
     plane: Plane
     identity: bytes
-    msg: Any
+    msg: _M
     frames: list[Any] = field(repr=False)
 
 
@@ -61,7 +65,7 @@ class BusErrorCounter:
 class Channel:
     """Control + data sockets with the codec; a synchronous, never-blocking API."""
 
-    def __init__(self, ctx: zmq.Context, ctl: zmq.Socket, data: zmq.Socket, routed: bool) -> None:
+    def __init__(self, ctx: zmq.Context[Socket], ctl: Socket, data: Socket, routed: bool) -> None:
         self.ctx = ctx
         self.ctl = ctl
         self.data = data
@@ -102,7 +106,11 @@ class Channel:
             raise
 
     # ------------------------------------------------------------------ receive
-    def recv_nowait(self, plane: Plane) -> Received | None:
+    @overload
+    def recv_nowait(self, plane: Literal["control"]) -> Received[ControlMessage] | None: ...
+    @overload
+    def recv_nowait(self, plane: Literal["data"]) -> Received[DataMessage] | None: ...
+    def recv_nowait(self, plane: Plane) -> Received[Any] | None:
         """One decoded message, or None when the socket has nothing. Undecodable
         messages are counted and skipped: a bad frame never stops the loop."""
         sock = self.ctl if plane == CONTROL else self.data
@@ -126,10 +134,14 @@ class Channel:
                 continue
             return Received(plane, identity, msg, parts)
 
-    def recv_batch(self, plane: Plane, limit: int = 1 << 30) -> Iterator[Received]:
+    @overload
+    def recv_batch(self, plane: Literal["control"], limit: int = ...) -> Iterator[Received[ControlMessage]]: ...
+    @overload
+    def recv_batch(self, plane: Literal["data"], limit: int = ...) -> Iterator[Received[DataMessage]]: ...
+    def recv_batch(self, plane: Plane, limit: int = 1 << 30) -> Iterator[Received[Any]]:
         """Up to ``limit`` messages already queued on ``plane`` (never waits)."""
         for _ in range(limit):
-            r = self.recv_nowait(plane)
+            r: Received[Any] | None = self.recv_nowait(plane)
             if r is None:
                 return
             yield r
@@ -137,8 +149,8 @@ class Channel:
     def readable(self) -> tuple[bool, bool]:
         """(control readable, data readable), reading EVENTS (this also re-arms the FD)."""
         return (
-            bool(self.ctl.get(zmq.EVENTS) & zmq.POLLIN),
-            bool(self.data.get(zmq.EVENTS) & zmq.POLLIN),
+            bool(int(self.ctl.get(zmq.EVENTS)) & zmq.POLLIN),
+            bool(int(self.data.get(zmq.EVENTS)) & zmq.POLLIN),
         )
 
     def poll(self, timeout_ms: int) -> tuple[bool, bool]:
@@ -152,15 +164,15 @@ class Channel:
                 s.close(linger=linger_ms)
 
 
-def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
-    s = ctx.socket(kind)
+def _socket(ctx: zmq.Context[Socket], kind: int, hwm: int) -> Socket:
+    s: Socket = ctx.socket(kind)
     s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.RCVHWM, hwm)
     s.setsockopt(zmq.LINGER, 0)
     return s
 
 
-def bind_host(addrs: BusAddresses, ctx: zmq.Context | None = None) -> Channel:
+def bind_host(addrs: BusAddresses, ctx: zmq.Context[Socket] | None = None) -> Channel:
     """The session host's side: ROUTER per plane, strict routing (unknown peer → error)."""
     ctx = ctx or zmq.Context.instance()
     addrs.prepare()
@@ -175,7 +187,7 @@ def bind_host(addrs: BusAddresses, ctx: zmq.Context | None = None) -> Channel:
     return Channel(ctx, ctl, data, routed=True)
 
 
-def connect_peer(addrs: BusAddresses, identity: str, ctx: zmq.Context | None = None) -> Channel:
+def connect_peer(addrs: BusAddresses, identity: str, ctx: zmq.Context[Socket] | None = None) -> Channel:
     """A worker's or adapter's side: DEALER per plane with a fixed identity."""
     ctx = ctx or zmq.Context.instance()
     ctl = _socket(ctx, zmq.DEALER, CONTROL_HWM)
@@ -222,7 +234,7 @@ class AsyncWaiter:
         self._chan = chan
         self._loop = loop or asyncio.get_running_loop()
         self._event = asyncio.Event()
-        self._fds = (chan.ctl.get(zmq.FD), chan.data.get(zmq.FD))
+        self._fds = (int(chan.ctl.get(zmq.FD)), int(chan.data.get(zmq.FD)))
         for fd in self._fds:
             self._loop.add_reader(fd, self._event.set)
 

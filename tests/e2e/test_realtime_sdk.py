@@ -2,9 +2,10 @@
 
 The SDK does not validate server events (a missing field reads as None), so every event
 received here is checked against :data:`SCHEMA` (required fields and their types, from
-PROTOCOLS.md §1) and, where the SDK's own pydantic models know the event type, validated
-by them too. Output audio of the scripted engine carries per-chunk markers
-(``decode_chunk``): the tests prove which response every audio byte belongs to.
+the OpenAI Realtime API reference, docs/realtime-conformance.md) and, where the SDK's own
+pydantic models know the event type, validated by them too. Output audio of the scripted
+engine carries per-chunk markers (``decode_chunk``): the tests prove which response every
+audio byte belongs to.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ REPLY_MS = 2400  # scripted reply length: 60 marked chunks of 40 ms
 CHUNKS = REPLY_MS // 40
 
 # ---------------------------------------------------------------------- the schema table
-# Required fields of every server event, from PROTOCOLS.md §1. A tuple of types allows
+# Required fields of every server event, from the Realtime API reference. A tuple of types allows
 # each; None in it allows null. Every event carries a string event_id (checked apart).
 STR, INT, OBJ, ARR = str, int, dict, list
 _WHERE = {"response_id": STR, "item_id": STR, "output_index": INT, "content_index": INT}

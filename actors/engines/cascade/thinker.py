@@ -137,8 +137,10 @@ class CascadeThinker(Thinker):
         )
         SileroDetector(self.opts.vad_threshold, self.opts.end_silence_ms)  # fails here, not on the first client
         log(_log, logging.INFO, "cascade: VAD loaded (Silero)", load_s=round(time.perf_counter() - t1, 3))
-        where = {"url": self.opts.openai_url, "model": self.opts.openai_model} if self.policy.name != "echo" else {}
-        log(_log, logging.INFO, "cascade: reply policy ready", policy=self.policy.name, **where)
+        where: dict[str, object] = {}
+        if self.policy.name != "echo":
+            where = {"url": self.opts.openai_url, "model": self.opts.openai_model}
+        log(_log, logging.INFO, "cascade: reply policy ready", policy=self.policy.name, where=where or None)
 
     def warm_up(self) -> None:
         if not self.opts.warm_up:
