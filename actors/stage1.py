@@ -20,7 +20,7 @@ import soxr
 from duplexd.actors.engines.base import EngineError, Talker, TalkerChunk, TalkerInput
 from duplexd.actors.worker import StageWorker, WorkerOptions
 from duplexd.bus.addresses import BusAddresses
-from duplexd.bus.audio_format import OUTPUT_RATE
+from duplexd.bus.audio_format import OUTPUT_DTYPE, OUTPUT_RATE, output_seconds
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import AudioOut, EngineInfo, Handoff, Role, SessionConfig, StageData
 from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
@@ -40,7 +40,7 @@ class _Turn:
 
 
 def to_pcm16(x: np.ndarray) -> np.ndarray:
-    out: np.ndarray = np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+    out: np.ndarray = np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(OUTPUT_DTYPE)
     return out
 
 
@@ -151,7 +151,7 @@ class Stage1Worker(StageWorker):
         if turn.started_at is None and pcm.size:
             turn.started_at = now
         start_ms = int(turn.generated_ms)
-        turn.generated_ms += pcm.size * 1000 / OUTPUT_RATE
+        turn.generated_ms += output_seconds(pcm.size) * 1000
         self.send_data(
             AudioOut(
                 sid,

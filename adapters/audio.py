@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from duplexd.bus.audio_format import OUTPUT_ENCODING, OUTPUT_RATE
+from duplexd.bus.audio_format import OUTPUT_DTYPE, OUTPUT_ENCODING, OUTPUT_RATE
 
 if sys.version_info >= (3, 13):  # pragma: no cover - depends on the interpreter
     import audioop  # provided by audioop-lts
@@ -89,7 +89,7 @@ def decode(raw: bytes | memoryview, fmt: AudioFormat) -> np.ndarray:
 def encode(pcm_out: np.ndarray, fmt: AudioFormat, resampler: OutputResampler | None = None) -> bytes:
     """Bus output audio (pcm16 at ``OUTPUT_RATE``) → client bytes in ``fmt``."""
     if fmt == PCM16_OUT:
-        return pcm_out.astype("<i2", copy=False).tobytes()
+        return pcm_out.astype(OUTPUT_DTYPE, copy=False).tobytes()
     x = pcm_out.astype(np.float32) / 32768.0
     if fmt.rate != OUTPUT_RATE:
         x = resampler.push(x) if resampler else soxr.resample(x, OUTPUT_RATE, fmt.rate)

@@ -103,7 +103,6 @@ class BridgeServer(WebsocketServer):
         self.active: DemoHandler | None = None
         self.total_requests = 0  # audio chunks answered
         self.total_inference_ms = 0.0
-        self.sessions_served = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -152,7 +151,6 @@ class BridgeServer(WebsocketServer):
             return
         self.active = handler
         self._idle.clear()
-        self.sessions_served += 1
         try:
             await handler.run()
         finally:

@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 
 from duplexd.adapters.audio import b64encode
-from duplexd.bus.audio_format import OUTPUT_RATE
+from duplexd.bus.audio_format import output_seconds
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
-    Action,
     AdapterEvent,
     AudioOut,
     ChunksAnswered,
@@ -57,7 +56,6 @@ class DemoChunk:
     out_samples: int  # bus-rate samples its result carries
     force_listen: bool
     cost_llm_ms: float = 0.0
-    speak_decisions: int = 0
 
 
 @dataclass(slots=True)
@@ -130,8 +128,6 @@ class ResultPacer:
         self._turns: deque[AssistantTurn] = deque()
         self._resolved = -1  # every engine chunk up to this seq has been answered
         self._interrupted = False  # a response that had been heard was cut: tell the next result
-        self.sent = 0
-        self.sent_wall_ms = 0.0
 
     # ------------------------------------------------------------------ input side
     def reset(self) -> None:
@@ -170,7 +166,6 @@ class ResultPacer:
                 for c in self._pending:
                     if c.first_seq <= seq < c.end_seq:
                         c.cost_llm_ms += msg.cost_ms
-                        c.speak_decisions += msg.action == Action.SPEAK
                         break
             case ChunksAnswered(through_seq=seq):
                 self._resolved = max(self._resolved, seq)
@@ -245,8 +240,6 @@ class ResultPacer:
                 continue
             self._pending.popleft()
             await self._send(result)
-            self.sent += 1
-            self.sent_wall_ms += result["wall_clock_ms"]
 
     def _head_turn(self) -> AssistantTurn | None:
         while self._turns:
@@ -270,7 +263,7 @@ class ResultPacer:
         if turn is not None:
             # Wait for a full chunk of audio (or the turn's end), but not past the time the
             # next input chunk is due: results keep the input's pace.
-            due = chunk.received_at + n / OUTPUT_RATE
+            due = chunk.received_at + output_seconds(n)
             while not (turn.cancelled or turn.ended or turn.available > n) and time.monotonic() < due:
                 await self._wait(due - time.monotonic())
             if turn.cancelled:

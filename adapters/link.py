@@ -259,7 +259,6 @@ class HostLink:
         self._waiter: AsyncWaiter | None = None
         self.watch = HostWatch(heartbeat_interval_s, heartbeat_timeout_s, metrics_interval_s)
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._connected_event = asyncio.Event()
         self._bad_seen = 0
 
@@ -282,7 +281,6 @@ class HostLink:
             await self._connected_event.wait()
 
     async def stop(self) -> None:
-        self._stopping = True
         for s in list(self.sessions.values()):
             await s.close("adapter shutting down")
         if self._chan is not None:

@@ -15,7 +15,7 @@ Codes (Realtime's vocabulary):
 ``null`` handling: for an **optional** field ``null`` means "not set" (the default, or for
 an update "leave it as it is"), as OpenAI's server treats it. The ``opt_*`` readers
 return ``None`` for an absent or ``null`` field; a field where ``null`` means something
-(``turn_detection: null`` is manual turns) is read with :func:`present` instead.
+(``turn_detection: null`` is manual turns) is read by its translator with ``key in obj``.
 """
 
 from __future__ import annotations
@@ -68,12 +68,6 @@ def want_obj(value: Any, param: str) -> JSONObject:
     return value
 
 
-def want_list(value: Any, param: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise invalid_type(param, "a list")
-    return value
-
-
 def want_str(value: Any, param: str, nonempty: bool = False) -> str:
     if not isinstance(value, str):
         raise invalid_type(param, "a string")
@@ -120,11 +114,6 @@ def path(parent: str, key: str) -> str:
     return f"{parent}.{key}" if parent else key
 
 
-def present(obj: Mapping[str, Any], key: str) -> bool:
-    """Whether ``key`` was sent, ``null`` included (for fields where null means something)."""
-    return key in obj
-
-
 def required(obj: Mapping[str, Any], key: str, parent: str = "") -> Any:
     """The value of a required field; absent or ``null`` is ``missing_required_parameter``."""
     value = obj.get(key)
@@ -156,13 +145,6 @@ def opt_int(
 ) -> int | None:
     value = optional(obj, key)
     return None if value is None else want_int(value, path(parent, key), lo, hi)
-
-
-def opt_num(
-    obj: Mapping[str, Any], key: str, parent: str = "", lo: float = float("-inf"), hi: float = float("inf")
-) -> float | None:
-    value = optional(obj, key)
-    return None if value is None else want_num(value, path(parent, key), lo, hi)
 
 
 def opt_bool(obj: Mapping[str, Any], key: str, parent: str = "") -> bool | None:

@@ -16,14 +16,8 @@ import numpy as np
 OUTPUT_RATE: Final = 24000  # Hz, assistant audio on the bus and the default client rate
 OUTPUT_ENCODING: Final = "pcm16"
 OUTPUT_DTYPE: Final = np.dtype("<i2")
-INPUT_DTYPE: Final = np.dtype("float32")
 
 
-def output_ms(samples: int) -> int:
-    """Whole milliseconds of ``samples`` of bus output audio."""
-    return samples * 1000 // OUTPUT_RATE
-
-
-def output_samples(ms: float) -> int:
-    """Samples of bus output audio in ``ms`` milliseconds."""
-    return round(ms * OUTPUT_RATE / 1000)
+def output_seconds(samples: int) -> float:
+    """Seconds of ``samples`` of bus output audio."""
+    return samples / OUTPUT_RATE

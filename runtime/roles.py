@@ -124,9 +124,8 @@ def run_adapter(cfg: Config) -> int:
         await stop.wait()
         sdnotify.stopping()
         log(_log, logging.INFO, "adapter draining")
-        if bridge is not None:
-            await bridge.drain()
-        await server.drain()
+        # SIGTERM drain: both listeners refuse new connections and let responses end, together.
+        await asyncio.gather(server.drain(), *([bridge.drain()] if bridge is not None else []))
         await link.stop()
 
     uvloop.run(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import numpy as np
@@ -66,14 +66,6 @@ class TalkerChunk:
     pcm: np.ndarray
     text: str = ""  # the words this chunk speaks
     end_of_turn: bool = False
-
-
-@dataclass(slots=True)
-class EngineStats:
-    steps: int = 0
-    items: int = 0
-    busy_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class EngineError(Exception):

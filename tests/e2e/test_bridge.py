@@ -119,6 +119,15 @@ class DemoClient:
                 self._new.clear()
                 await self._new.wait()
 
+    async def wait_results(self, n: int, within_s: float = 10.0) -> None:
+        """Until ``n`` results have arrived in all."""
+        async with asyncio.timeout(within_s):
+            while True:
+                self._new.clear()  # before the check: a result arriving after it sets it again
+                if len(self.results) >= n or self.closed.is_set():
+                    return
+                await self._new.wait()
+
     async def send(self, msg: dict[str, Any] | str) -> None:
         await self.ws.send(msg if isinstance(msg, str) else json.dumps(msg))
 
@@ -144,10 +153,7 @@ class DemoClient:
         for i, pcm in enumerate(chunks):
             await asyncio.sleep(max(0.0, start + i - time.monotonic()))
             await self.chunk(pcm, **({"force_listen": True} if i in forced else {}))
-        async with asyncio.timeout(10):
-            while len(self.results) < first + len(chunks):
-                self._new.clear()
-                await self._new.wait()
+        await self.wait_results(first + len(chunks))
         return self.results[first:]
 
     async def close(self) -> None:
@@ -224,8 +230,11 @@ async def test_gateway_session_one_paced_result_per_chunk(bridge_server: BridgeS
     # silence (forced listen), 1 s of speech, then silence: the model answers 2.4 s of audio.
     chunks = [QUIET, SPEECH, QUIET, QUIET, QUIET, QUIET, QUIET]
     results = await c.play(chunks)
-    await asyncio.sleep(0.6)
-    assert len(c.results) == len(chunks)  # exactly one result per chunk, nothing extra
+    # Exactly one result per chunk, nothing extra: results leave in order, so once the next
+    # chunk's result is here, any extra one for these chunks would have come before it.
+    await c.chunk(QUIET)
+    await c.wait_results(len(chunks) + 1)
+    assert [r.msg["current_time"] for r in c.results] == list(range(len(chunks) + 1))
     for r in results:
         assert_result_shape(r)
     assert [r.msg["current_time"] for r in results] == list(range(len(chunks)))

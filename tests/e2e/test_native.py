@@ -211,7 +211,11 @@ async def test_barge_in_flushes_with_zero_stale_frames(native_server: ServerProc
     adv3 = await c.wait_for(lambda e: e["type"] == "epoch.advanced" and e["epoch"] > adv["epoch"])
     done3 = await c.wait_for(lambda e: e["type"] == "response.done" and e["response"]["id"] == rid3)
     assert done3["response"]["status"] == "cancelled" and _after(c, adv3) < _after(c, done3)
-    await asyncio.sleep(0.5)  # anything still in flight would arrive now
+    # A round trip through the session host: whatever it forwarded before has arrived, and
+    # audio of the cancelled response reaching it later is fenced there.
+    n = len(c.events)
+    await c.send({"type": "session.get"})
+    await c.wait_for("session.snapshot", start=n)
     tag3 = response_tag(rid3)
     late = [f for f in c.audio if f.received_after > _after(c, adv3) and f.marker[0] == tag3]
     assert late == []

@@ -479,6 +479,7 @@ async def test_cancel_mid_response_then_next_turn(realtime_server: ServerProcess
         start = len(rec.events)
         await stream(conn, tone(500))
         await conn.input_audio_buffer.commit()
+        user_item = (await rec.wait_for("input_audio_buffer.committed", start=start))["item_id"]
         await conn.response.create()
         rid = (await rec.wait_for("response.created", start=start))["response"]["id"]
         await rec.wait_for("response.output_audio.delta", start=start)
@@ -488,7 +489,11 @@ async def test_cancel_mid_response_then_next_turn(realtime_server: ServerProcess
         assert done["response"]["id"] == rid and done["response"]["status"] == "cancelled"
         assert done["response"]["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
         done_at = rec.events.index(done)
-        await asyncio.sleep(0.6)  # anything still in flight would arrive now
+        # A round trip through the session host: everything it sent before the answer has
+        # arrived, and audio of the cancelled response that reaches it later is fenced there.
+        n = len(rec.events)
+        await conn.conversation.item.retrieve(item_id=user_item)
+        await rec.wait_for("conversation.item.retrieved", start=n)
         mine = response_events(rec, rid)
         assert [e["type"] for e in mine].count("response.done") == 1
         late = [e for e in rec.events[done_at + 1 :] if e.get("response_id") == rid]
