@@ -317,9 +317,10 @@ class SessionHost:
             if r is not None and r.id == msg.response_id:
                 FIRST_AUDIO_SECONDS.observe(max(0.0, now - r.created_at))
         elif isinstance(msg, ErrorEvent):
+            # The adapter logs the one INFO line per error event a client gets ("client error").
             log(
                 _log,
-                logging.INFO,
+                logging.DEBUG,
                 "error event",
                 session_id=msg.session_id,
                 response_id=msg.response_id,

@@ -355,3 +355,18 @@ async def test_reprepare_restarts_and_pause_timeout_releases_the_worker(
     assert c.ws.close_code == 1000
     await c.close()
     assert (await released(bridge_server))["worker_status"] == "idle"
+
+
+async def test_a_barge_in_is_answered_without_more_input(demo: Connect) -> None:
+    """Stage0's answers for the chunks a barge-in cut short are never shown as decisions;
+    the host's ChunksAnswered tells the bridge they are in, so the barge-in chunk's result
+    leaves at once instead of waiting for the next chunk's decisions (or a timeout)."""
+    c = await demo("gw_sess_5")
+    await c.prepare(force_listen_count=1)
+    results = await c.play([QUIET, SPEECH, QUIET])
+    assert [r.msg["is_listen"] for r in results] == [True, True, False]  # the model is speaking
+    await c.chunk(SPEECH)  # the user talks over it; no further input follows
+    await c.wait_results(4, within_s=3.0)  # well inside the bridge's 5 s give-up timeout
+    cut = c.results[3].msg
+    assert cut["current_time"] == 3 and cut["is_listen"] is True and cut["end_of_turn"] is True
+    await c.close()
