@@ -1,7 +1,7 @@
 """The session host: owns every session actor and routes all traffic between roles.
 
 One asyncio loop (uvloop in production) owns the bus sockets and all actors. Each
-iteration drains the whole control plane before taking a bounded batch of data, so a
+iteration takes the whole control plane before a bounded batch of data, so a
 cancel or epoch advance is applied before any audio queued behind it is looked at.
 
 Peers (adapters, stage0s, stage1s) say Hello on both planes; the host answers Ready,

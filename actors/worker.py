@@ -1,6 +1,6 @@
 """The plain loop every stage worker runs around its engine step.
 
-One iteration: wait until a plane is readable or work is due, drain **all** control
+One iteration: wait until a plane is readable or work is due, take **all** control
 messages, then up to ``max_data`` data messages, then run one engine step. Control is
 therefore handled between any two model steps: a cancel never waits behind audio.
 

@@ -88,7 +88,7 @@ class SessionLink:
         self.link = link
         self.session_id = session_id
         self.epoch = 0
-        self._announced = 0
+        self.announced = 0  # newest epoch whose EpochAdvance was queued for the handler
         self.seq = 0
         self.closed = False
         self.engine: EngineInfo | None = None
@@ -174,8 +174,8 @@ class SessionLink:
         """Control plane: fence now (queued stale audio is dropped at dequeue) and tell
         the handler, which may tell its client to flush playback."""
         self.advance(msg.epoch)
-        if msg.epoch > self._announced:
-            self._announced = msg.epoch
+        if msg.epoch > self.announced:
+            self.announced = msg.epoch
             self._queue.put_nowait(msg)
 
     def deliver(self, msg: SessionEvent) -> None:
@@ -362,6 +362,11 @@ class HostLink:
                     if isinstance(msg, SessionEvent):
                         s = self.sessions.get(msg.session_id)
                         if s is not None:
+                            if msg.epoch > s.announced:
+                                # The host sent this epoch's EpochAdvance first, on the other
+                                # socket: take it now, so the client hears of it first.
+                                for rc in self._chan.recv_batch(CONTROL):
+                                    self._on_control(rc.msg, now)
                             s.deliver(msg)
             except _HostLost as exc:
                 self._host_lost(str(exc))
