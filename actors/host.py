@@ -438,7 +438,9 @@ class SessionHost:
         del self.peers[peer.identity]
         if self.book.peers.get(peer.identity) is peer.life:
             self.book.forget(peer.identity)
-        self._status_dirty = True
+        # The cluster status first, so an adapter knows the stage is gone (/health 503) by
+        # the time its clients get the errors below.
+        self._broadcast_status()
         now = self.now()
         for sid in list(peer.sessions):
             b = self.sessions.get(sid)
@@ -606,14 +608,14 @@ class SessionHost:
                 )
                 self._peer_gone(peer, reason)
             beat = self.book.heartbeat_due(now)
-            if beat is None:
-                continue
-            for p in list(self.peers.values()):
-                if p.ready:
-                    self._send(p.identity, CONTROL, Heartbeat(beat.seq, "host", host_instance=self.instance))
-            if beat.with_metrics:
-                self._status_dirty = True
+            if beat is not None:
+                for p in list(self.peers.values()):
+                    if p.ready:
+                        self._send(p.identity, CONTROL, Heartbeat(beat.seq, "host", host_instance=self.instance))
+                if beat.with_metrics:
+                    self._status_dirty = True
             if self._status_dirty:
+                # Right away, so adapters learn of a dead peer with (or before) its sessions' errors.
                 self._broadcast_status()
 
     def role_statuses(self) -> tuple[RoleStatus, ...]:
