@@ -8,7 +8,7 @@ PORT ?=
 HOST ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint install install-test clients clean
+.PHONY: run test bench lint typecheck install install-test clients clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,8 +58,15 @@ test: install-test clients
 bench: install-test
 	$(PY) -m tests.bench
 
+# ruff, then mypy (strict; see [tool.mypy] in pyproject.toml). mypy reads duplexd.* through
+# build/typecheck, a link tree setup.py makes from the top-level folders.
 lint: install-test
 	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory typecheck
+
+typecheck: install-test
+	$(PY) -c 'import runpy; runpy.run_path("setup.py")["link_tree"]("build/typecheck")'
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(VENV_CLIENTS) .pytest_cache
+	rm -rf $(VENV) $(VENV_CLIENTS) .pytest_cache build

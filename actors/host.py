@@ -1,12 +1,13 @@
 """The session host: owns every session actor and routes all traffic between roles.
 
 One asyncio loop (uvloop in production) owns the bus sockets and all actors. Each
-iteration drains the whole control plane before taking a bounded batch of data, so a
+iteration takes the whole control plane before a bounded batch of data, so a
 cancel or epoch advance is applied before any audio queued behind it is looked at.
 
 Peers (adapters, stage0s, stage1s) say Hello on both planes; the host answers Ready,
-tracks their heartbeats and turns a silent or departed peer into typed failures for the
-sessions it served. Sessions are bound to the least-loaded stage of each kind.
+tracks their heartbeats (the rules: :class:`~duplexd.bus.liveness.PeerBook`) and turns a
+silent or departed peer into typed failures for the sessions it served. Sessions are
+bound to the least-loaded stage of each kind.
 """
 
 from __future__ import annotations
@@ -24,19 +25,27 @@ from typing import Any
 
 from duplexd.actors.session import Dest, HostSettings, Out, SessionActor
 from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.liveness import HelloVerdict, PeerBook, PeerLife
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     PROTOCOL_VERSION,
+    AudioChunk,
     AudioOut,
+    ChunksAnswered,
     ClusterStatus,
-    Drain,
+    ControlMessage,
+    DataMessage,
+    Decision,
     EngineInfo,
     ErrorEvent,
     Goodbye,
     Heartbeat,
     Hello,
     HelloRequired,
+    Message,
     MetricSample,
+    NoNewSessions,
+    Plane,
     Ready,
     Refused,
     ResponseCancel,
@@ -66,6 +75,10 @@ from duplexd.bus.sockets import CONTROL, DATA, AsyncWaiter, Backpressure, Channe
 _log = get_logger(__name__)
 
 
+def _plane(name: str) -> Plane:
+    return CONTROL if name == CONTROL else DATA
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -78,16 +91,32 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass(slots=True)
 class Peer:
-    identity: bytes
-    role: Role
-    pid: int
-    hostname: str
+    """A connected process: its liveness record plus what the host routes to it."""
+
+    life: PeerLife
     engine: EngineInfo | None
-    planes: set[str] = field(default_factory=set)
-    ready: bool = False
-    last_seen: float = 0.0
     sessions: set[str] = field(default_factory=set)
     metrics: tuple[MetricSample, ...] = ()
+
+    @property
+    def identity(self) -> bytes:
+        return self.life.identity
+
+    @property
+    def role(self) -> Role:
+        return self.life.role
+
+    @property
+    def pid(self) -> int:
+        return self.life.pid
+
+    @property
+    def hostname(self) -> str:
+        return self.life.hostname
+
+    @property
+    def ready(self) -> bool:
+        return self.life.ready
 
     @property
     def name(self) -> str:
@@ -101,6 +130,8 @@ class _Bound:
     stage0: bytes | None
     stage1: bytes | None
     first_audio_logged: str = ""
+    chunk_sent: int = -1  # newest chunk_seq sent to stage0
+    decision_shown: int = -1  # newest chunk_seq whose Decision reached the adapter
 
 
 class SessionHost:
@@ -123,6 +154,7 @@ class SessionHost:
         self.metrics_interval = metrics_interval_s
         self.max_data = max_data
         self.instance = uuid.uuid4().hex[:12]
+        self.book = PeerBook(heartbeat_interval_s, heartbeat_timeout_s, metrics_interval_s)
         self.peers: dict[bytes, Peer] = {}
         self.sessions: dict[str, _Bound] = {}
         self.draining = False
@@ -131,9 +163,7 @@ class SessionHost:
         self._waiter: AsyncWaiter | None = None
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._clock = clock
-        self._hb_seq = 0
         self._bad_seen = 0
-        self._last_metrics = 0.0
         self._status_dirty = True
         self._hostname = socket.gethostname()
 
@@ -142,7 +172,7 @@ class SessionHost:
         return self._clock() if self._clock else time.monotonic()
 
     # ------------------------------------------------------------------ main loop
-    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+    async def serve(self, ready: Callable[[], object] | None = None) -> None:
         self._chan = chan = bind_host(self.addrs)
         self._waiter = waiter = AsyncWaiter(chan)
         log(
@@ -159,12 +189,12 @@ class SessionHost:
         try:
             while not self._stop.is_set():
                 await waiter.wait(self.hb_interval)
-                for r in chan.drain(CONTROL):
+                for rc in chan.recv_batch(CONTROL):
                     BUS_MESSAGES.labels(plane="control").inc()
-                    self._on_control(r)
-                for r in chan.drain(DATA, self.max_data):
+                    self._on_control(rc)
+                for rd in chan.recv_batch(DATA, self.max_data):
                     BUS_MESSAGES.labels(plane="data").inc()
-                    self._on_data(r)
+                    self._on_data(rd)
                 if chan.bad_frames.count != self._bad_seen:
                     BUS_BAD_FRAMES.inc(chan.bad_frames.count - self._bad_seen)
                     log(_log, logging.WARNING, "undecodable bus message", error=chan.bad_frames.last)
@@ -182,12 +212,12 @@ class SessionHost:
         if self._waiter:
             self._waiter.wake()
 
-    async def drain_and_stop(self, timeout_s: float) -> None:
-        """SIGTERM: refuse new sessions, let active responses finish, then stop."""
+    async def drain(self, timeout_s: float) -> None:
+        """SIGTERM drain: refuse new sessions, let active responses finish, then stop."""
         self.draining = True
         self._status_dirty = True
         for p in self.peers.values():
-            self._send(p.identity, CONTROL, Drain("host draining"))
+            self._send(p.identity, CONTROL, NoNewSessions("host draining"))
         deadline = self.now() + timeout_s
         while self.now() < deadline and any(b.actor.response for b in self.sessions.values()):  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # responses end through the bus loop; poll their state
@@ -210,13 +240,13 @@ class SessionHost:
             self._chan.close(linger_ms=200)
 
     # ------------------------------------------------------------------ sending
-    def _send(self, identity: bytes, plane: str, msg: Any, frames: list[Any] | None = None) -> bool:
+    def _send(self, identity: bytes, plane: Plane, msg: Message, frames: list[Any] | None = None) -> bool:
         assert self._chan is not None
         try:
             if frames is not None:
-                self._chan.send_frames(plane, frames, identity)  # type: ignore[arg-type]
+                self._chan.send_frames(plane, frames, identity)
             else:
-                self._chan.send(plane, msg, identity)  # type: ignore[arg-type]
+                self._chan.send(plane, msg, identity)
             return True
         except Backpressure as exc:
             BACKPRESSURE.labels(hop=f"host-{plane}").inc()
@@ -236,7 +266,7 @@ class SessionHost:
                 dest = self._dest(b, out.dest)
                 if dest is None:
                     continue  # that stage is gone; the session is re-opened where it rebinds
-                if not self._send(dest, out.plane, out.msg, out.frames):
+                if not self._send(dest, _plane(out.plane), out.msg, out.frames):
                     if out.dest == Dest.ADAPTER:
                         adapter_stuck = True
                     else:
@@ -249,7 +279,7 @@ class SessionHost:
             for out in actor.drain():
                 dest = self._dest(b, out.dest)
                 if dest is not None and out.dest != Dest.ADAPTER:
-                    self._send(dest, out.plane, out.msg)
+                    self._send(dest, _plane(out.plane), out.msg)
         if actor.closed:
             self._forget(sid)
         else:
@@ -265,7 +295,11 @@ class SessionHost:
 
     def _observe(self, b: _Bound, out: Out, now: float) -> None:
         msg = out.msg
-        if isinstance(msg, ResponseDone):
+        if isinstance(msg, AudioChunk):
+            b.chunk_sent = msg.chunk_seq
+        elif isinstance(msg, Decision):
+            b.decision_shown = msg.chunk_seq
+        elif isinstance(msg, ResponseDone):
             RESPONSES.labels(status=msg.response.status.value).inc()
             log(
                 _log,
@@ -283,9 +317,10 @@ class SessionHost:
             if r is not None and r.id == msg.response_id:
                 FIRST_AUDIO_SECONDS.observe(max(0.0, now - r.created_at))
         elif isinstance(msg, ErrorEvent):
+            # The adapter logs the one INFO line per error event a client gets ("client error").
             log(
                 _log,
-                logging.INFO,
+                logging.DEBUG,
                 "error event",
                 session_id=msg.session_id,
                 response_id=msg.response_id,
@@ -293,6 +328,13 @@ class SessionHost:
                 code=msg.code,
                 error=msg.message,
             )
+
+    def _chunks_answered(self, sid: str, through_seq: int) -> None:
+        """Tell the adapter stage0 got this far with answers no Decision showed."""
+        b = self.sessions.get(sid)
+        if b is None or through_seq < 0 or b.adapter not in self.peers:
+            return
+        self._send(b.adapter, DATA, ChunksAnswered(sid, b.actor.epoch, through_seq))
 
     def _schedule(self, sid: str, deadline: float | None) -> None:
         cur = self._timers.get(sid)
@@ -316,18 +358,17 @@ class SessionHost:
         self._flush(sid)
 
     # ------------------------------------------------------------------ control plane
-    def _on_control(self, r: Received) -> None:
+    def _on_control(self, r: Received[ControlMessage]) -> None:
         msg = r.msg
-        peer = self.peers.get(r.identity)
         if isinstance(msg, Hello):
             self._on_hello(r.identity, msg, CONTROL)
             return
-        if peer is None:
+        now = self.now()
+        peer = self.peers.get(r.identity)
+        if peer is None or self.book.seen(r.identity, now) is None:
             # A peer we do not know (we restarted): ask it to say hello again.
             self._send(r.identity, CONTROL, HelloRequired(self.instance))
             return
-        peer.last_seen = self.now()
-        now = peer.last_seen
         match msg:
             case Heartbeat(metrics=metrics):
                 if metrics:
@@ -357,11 +398,14 @@ class SessionHost:
                 if b is not None:
                     b.actor.on_stage_error(msg, now, msg.chunk_seq if msg.chunk_seq >= 0 else None)
                     self._flush(sid)
+                    if msg.role == Role.STAGE0 and msg.chunk_seq >= 0:
+                        self._chunks_answered(sid, msg.chunk_seq)
             case _:
                 log(_log, logging.DEBUG, "ignored control message", type=type(msg).__name__, peer=peer.name)
 
     def _on_hello(self, identity: bytes, hello: Hello, plane: str) -> None:
-        if hello.protocol_version != PROTOCOL_VERSION:
+        out = self.book.hello(identity, hello, plane, self.now())
+        if out.verdict == HelloVerdict.REFUSED:
             log(
                 _log,
                 logging.ERROR,
@@ -370,29 +414,33 @@ class SessionHost:
                 theirs=hello.protocol_version,
                 ours=PROTOCOL_VERSION,
             )
-            self._send(identity, CONTROL, Refused(f"protocol version {hello.protocol_version} unsupported"))
+            self._send(identity, CONTROL, Refused(out.reason))
             return
+        assert out.peer is not None
+        old = self.peers.get(identity)
+        if old is not None and old.life is not out.peer:
+            self._peer_gone(old, "replaced by a new process")
         peer = self.peers.get(identity)
-        if peer is None or peer.pid != hello.pid:
-            if peer is not None:
-                self._peer_gone(peer, "replaced by a new process")
-            peer = self.peers[identity] = Peer(identity, hello.role, hello.pid, hello.hostname, hello.engine)
-        peer.planes.add(plane)
-        peer.last_seen = self.now()
-        if not peer.ready and peer.planes == {CONTROL, DATA}:
-            peer.ready = True
+        if peer is None:
+            peer = self.peers[identity] = Peer(out.peer, hello.engine)
+        if out.verdict == HelloVerdict.READY:
             log(_log, logging.INFO, "peer ready", peer=peer.name, peer_role=peer.role.value, peer_pid=peer.pid)
             self._send(identity, CONTROL, Ready(PROTOCOL_VERSION, self.instance))
             self._status_dirty = True
             if peer.role in (Role.STAGE0, Role.STAGE1):
                 self._rebind_orphans(peer)
-        elif peer.ready and plane == CONTROL:
+        elif out.verdict == HelloVerdict.READY_AGAIN:
             self._send(identity, CONTROL, Ready(PROTOCOL_VERSION, self.instance))  # a retried hello
 
     def _peer_gone(self, peer: Peer, reason: str) -> None:
-        if self.peers.pop(peer.identity, None) is None:
+        if self.peers.get(peer.identity) is not peer:
             return
-        self._status_dirty = True
+        del self.peers[peer.identity]
+        if self.book.peers.get(peer.identity) is peer.life:
+            self.book.forget(peer.identity)
+        # The cluster status first, so an adapter knows the stage is gone (/health 503) by
+        # the time its clients get the errors below.
+        self._broadcast_status()
         now = self.now()
         for sid in list(peer.sessions):
             b = self.sessions.get(sid)
@@ -407,7 +455,10 @@ class SessionHost:
                 b.stage1 = None
             b.actor.on_stage_lost(peer.role, now)
             self._flush(sid)
-            self._rebind(sid, peer.role)
+            if peer.role == Role.STAGE0:
+                self._chunks_answered(sid, b.chunk_sent)  # lost: no answer will come
+            if sid in self.sessions:
+                self._rebind(sid, peer.role)
 
     def _rebind_orphans(self, peer: Peer) -> None:
         for sid, b in self.sessions.items():
@@ -496,7 +547,7 @@ class SessionHost:
         log(_log, logging.INFO, "session closed", session_id=sid, epoch=b.actor.epoch)
 
     # ------------------------------------------------------------------ data plane
-    def _on_data(self, r: Received) -> None:
+    def _on_data(self, r: Received[DataMessage]) -> None:
         msg = r.msg
         if isinstance(msg, Hello):
             self._on_hello(r.identity, msg, DATA)
@@ -521,6 +572,10 @@ class SessionHost:
             if msg.epoch < actor.epoch:
                 STALE_DROPPED.labels(hop="host").inc()
             actor.on_stage0(msg, now)
+            self._flush(msg.session_id)
+            if b.decision_shown < msg.chunk_seq:
+                self._chunks_answered(msg.session_id, msg.chunk_seq)  # answered, but not shown
+            return
         elif isinstance(msg, AudioOut):
             if r.identity != b.stage1:
                 return
@@ -534,33 +589,33 @@ class SessionHost:
     # ------------------------------------------------------------------ liveness and status
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.hb_interval)
-            self._hb_seq += 1
+            await asyncio.sleep(max(0.01, self.book.wait_s(self.now())))
             now = self.now()
-            for p in list(self.peers.values()):
-                if p.hostname == self._hostname and not _pid_alive(p.pid):
-                    # Same machine: a dead process is known at once, no need to wait for heartbeats.
-                    log(_log, logging.ERROR, "peer process exited", peer=p.name, peer_role=p.role.value)
-                    self._peer_gone(p, "process exited")
+            # Same machine: a dead process is known at once, no need to wait for heartbeats.
+            for life, reason in self.book.dead(now, self._hostname, lambda pid: not _pid_alive(pid)):
+                peer = self.peers.get(life.identity)
+                if peer is None:
+                    self.book.forget(life.identity)
                     continue
-                if not p.ready:
-                    continue
-                if now - p.last_seen > self.hb_timeout:
-                    log(
-                        _log,
-                        logging.ERROR,
-                        "peer missed heartbeats; declaring it dead",
-                        peer=p.name,
-                        peer_role=p.role.value,
-                        silent_s=round(now - p.last_seen, 2),
-                    )
-                    self._peer_gone(p, "heartbeat timeout")
-                    continue
-                self._send(p.identity, CONTROL, Heartbeat(self._hb_seq, "host", host_instance=self.instance))
-            if now - self._last_metrics >= self.metrics_interval:
-                self._last_metrics = now
-                self._status_dirty = True
+                log(
+                    _log,
+                    logging.ERROR,
+                    "peer dead",
+                    peer=peer.name,
+                    peer_role=peer.role.value,
+                    reason=reason,
+                    silent_s=round(now - life.last_seen, 2),
+                )
+                self._peer_gone(peer, reason)
+            beat = self.book.heartbeat_due(now)
+            if beat is not None:
+                for p in list(self.peers.values()):
+                    if p.ready:
+                        self._send(p.identity, CONTROL, Heartbeat(beat.seq, "host", host_instance=self.instance))
+                if beat.with_metrics:
+                    self._status_dirty = True
             if self._status_dirty:
+                # Right away, so adapters learn of a dead peer with (or before) its sessions' errors.
                 self._broadcast_status()
 
     def role_statuses(self) -> tuple[RoleStatus, ...]:

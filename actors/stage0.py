@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any
 
 from duplexd.actors.engines.base import EngineError, Thinker, ThinkerInput, ThinkerOutput
 from duplexd.actors.worker import StageWorker, WorkerOptions
@@ -25,6 +24,7 @@ from duplexd.bus.messages import (
     Role,
     SessionConfig,
     Stage0Result,
+    StageData,
     StageError,
 )
 from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
@@ -76,7 +76,7 @@ class Stage0Worker(StageWorker):
             self.advance_epoch(session_id)
         return True  # input chunks and context are never stale (see module docstring)
 
-    def on_data(self, msg: Any) -> None:
+    def on_data(self, msg: StageData) -> None:
         if isinstance(msg, AudioChunk):
             self.queues[msg.session_id].append(msg)
         elif isinstance(msg, ContextUpdate):

@@ -1,6 +1,7 @@
 """Stage1 actor: turns handoffs into assistant audio, one chunk per session per step.
 
-Output is pcm16 at 24 kHz; a talker with another native rate is resampled here with a
+Output is the bus output format (:mod:`duplexd.bus.audio_format`: pcm16 24 kHz); a talker
+with another native rate is resampled here with a
 streaming soxr resampler per turn. Generation is paced to stay at most ``max_lead_ms``
 ahead of real time per turn, so a barge-in discards little server-side audio and
 memory stays bounded. An epoch advance aborts the session's synthesis between steps.
@@ -19,12 +20,12 @@ import soxr
 from duplexd.actors.engines.base import EngineError, Talker, TalkerChunk, TalkerInput
 from duplexd.actors.worker import StageWorker, WorkerOptions
 from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.audio_format import OUTPUT_DTYPE, OUTPUT_RATE, output_seconds
 from duplexd.bus.log import get_logger, log
-from duplexd.bus.messages import AudioOut, EngineInfo, Handoff, Role, SessionConfig
+from duplexd.bus.messages import AudioOut, EngineInfo, Handoff, Role, SessionConfig, StageData
 from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
 
 _log = get_logger(__name__)
-OUTPUT_RATE = 24000
 
 
 @dataclass(slots=True)
@@ -39,7 +40,8 @@ class _Turn:
 
 
 def to_pcm16(x: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+    out: np.ndarray = np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(OUTPUT_DTYPE)
+    return out
 
 
 class Stage1Worker(StageWorker):
@@ -79,7 +81,7 @@ class Stage1Worker(StageWorker):
         self.turns.pop(session_id, None)
         self.talker.abort(session_id)
 
-    def on_data(self, msg: Any) -> None:
+    def on_data(self, msg: StageData) -> None:
         if not isinstance(msg, Handoff):
             return
         sid = msg.session_id
@@ -149,7 +151,7 @@ class Stage1Worker(StageWorker):
         if turn.started_at is None and pcm.size:
             turn.started_at = now
         start_ms = int(turn.generated_ms)
-        turn.generated_ms += pcm.size * 1000 / OUTPUT_RATE
+        turn.generated_ms += output_seconds(pcm.size) * 1000
         self.send_data(
             AudioOut(
                 sid,

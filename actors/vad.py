@@ -85,7 +85,8 @@ class SpeechDetector(abc.ABC):
 
             self._resampler = soxr.ResampleStream(rate, VAD_RATE, 1, dtype="float32")
             self._in_rate = rate
-        return self._resampler.resample_chunk(pcm)
+        out: np.ndarray = self._resampler.resample_chunk(pcm)
+        return out
 
     def feed(self, pcm: np.ndarray, rate: int = VAD_RATE) -> list[VadEvent]:
         """Score ``pcm`` (float32 mono at ``rate``); return the events it completes."""

@@ -1,11 +1,12 @@
 """The plain loop every stage worker runs around its engine step.
 
-One iteration: wait until a plane is readable or work is due, drain **all** control
+One iteration: wait until a plane is readable or work is due, take **all** control
 messages, then up to ``max_data`` data messages, then run one engine step. Control is
 therefore handled between any two model steps: a cancel never waits behind audio.
 
 The worker keeps the newest epoch it knows per session and drops older data (counted
-per hop). It says Hello, heartbeats the host, and re-handshakes if the host restarts.
+per hop). It says Hello, heartbeats the host, and re-handshakes if the host restarts
+(the rules of both: :mod:`duplexd.bus.liveness`).
 """
 
 from __future__ import annotations
@@ -17,37 +18,30 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.liveness import Beat, HandshakeError, HostWatch
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     PROTOCOL_VERSION,
-    Drain,
+    ControlMessage,
     EngineInfo,
     EpochAdvance,
     Goodbye,
     Heartbeat,
     Hello,
-    HelloRequired,
+    MetricSample,
+    NoNewSessions,
     Ready,
     Role,
     SessionConfig,
     StageClose,
+    StageData,
     StageError,
     StageOpen,
 )
 from duplexd.bus.metrics import BACKPRESSURE, BUS_BAD_FRAMES, BUS_MESSAGES, STALE_DROPPED, snapshot
-from duplexd.bus.sockets import (
-    CONTROL,
-    DATA,
-    Backpressure,
-    Channel,
-    HandshakeError,
-    connect_peer,
-    handshake,
-    peer_identity,
-)
+from duplexd.bus.sockets import CONTROL, DATA, Backpressure, Channel, connect_peer, handshake, peer_identity
 
 _log = get_logger(__name__)
 
@@ -88,13 +82,13 @@ class StageWorker(abc.ABC):
         self.configs: dict[str, SessionConfig] = {}
         self.stop_event = threading.Event()
         self.chan: Channel | None = None
-        self._host_instance = ""
-        self._last_host_hb = 0.0
-        self._hb_seq = 0
-        self._last_metrics = 0.0
-        self._hb_sent_at = 0.0
+        self.watch = self._new_watch()
         self._bad_frames_seen = 0
         self.on_ready: Callable[[], object] | None = None
+
+    def _new_watch(self) -> HostWatch:
+        o = self.opts
+        return HostWatch(o.heartbeat_interval_s, o.heartbeat_timeout_s, o.metrics_interval_s)
 
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod
@@ -114,7 +108,7 @@ class StageWorker(abc.ABC):
         """Settings changed (StageOpen for a session already open)."""
 
     @abc.abstractmethod
-    def on_data(self, msg: Any) -> None:
+    def on_data(self, msg: StageData) -> None:
         """A data message whose epoch is current."""
 
     @abc.abstractmethod
@@ -129,7 +123,7 @@ class StageWorker(abc.ABC):
         return None
 
     # ------------------------------------------------------------------ helpers
-    def send_data(self, msg: Any) -> bool:
+    def send_data(self, msg: StageData) -> bool:
         assert self.chan is not None
         try:
             self.chan.send(DATA, msg)
@@ -139,7 +133,7 @@ class StageWorker(abc.ABC):
             log(_log, logging.WARNING, "data queue to host full", error=str(exc))
             return False
 
-    def send_control(self, msg: Any) -> None:
+    def send_control(self, msg: ControlMessage) -> None:
         assert self.chan is not None
         try:
             self.chan.send(CONTROL, msg)
@@ -164,7 +158,10 @@ class StageWorker(abc.ABC):
         return True
 
     # ------------------------------------------------------------------ control
-    def _on_control(self, msg: Any) -> None:
+    def _on_control(self, msg: ControlMessage) -> None:
+        gone = self.watch.on_control(msg, time.monotonic())
+        if gone is not None:
+            raise _HostRestarted(gone)
         match msg:
             case StageOpen(session_id=sid, epoch=epoch, config=config):
                 if sid in self.epochs:
@@ -185,13 +182,7 @@ class StageWorker(abc.ABC):
                     self.close_session(sid)
             case EpochAdvance(session_id=sid, epoch=epoch):
                 self._adopt(sid, epoch)
-            case Heartbeat(host_instance=inst):
-                if inst and self._host_instance and inst != self._host_instance:
-                    raise _HostRestarted()
-                self._last_host_hb = time.monotonic()
-            case HelloRequired():
-                raise _HostRestarted()
-            case Drain():
+            case NoNewSessions():
                 pass  # the host stops routing new sessions to us; we keep serving
             case _:
                 log(_log, logging.DEBUG, "ignored control message", type=type(msg).__name__)
@@ -201,13 +192,9 @@ class StageWorker(abc.ABC):
             self.epochs[sid] = epoch
             self.advance_epoch(sid)
 
-    def _heartbeat(self, now: float) -> None:
-        self._hb_seq += 1
-        metrics: tuple = ()
-        if now - self._last_metrics >= self.opts.metrics_interval_s:
-            self._last_metrics = now
-            metrics = snapshot()
-        self.send_control(Heartbeat(self._hb_seq, self.identity, metrics=metrics))
+    def _heartbeat(self, beat: Beat) -> None:
+        metrics: tuple[MetricSample, ...] = snapshot() if beat.with_metrics else ()
+        self.send_control(Heartbeat(beat.seq, self.identity, metrics=metrics))
 
     # ------------------------------------------------------------------ lifecycle
     def _hello(self) -> Hello:
@@ -224,9 +211,9 @@ class StageWorker(abc.ABC):
         if self.chan is not None:
             self.chan.close(linger_ms=0)
         self.chan = connect_peer(self.addrs, self.identity)
-        ready = handshake(self.chan, self._hello(), self.opts.handshake_timeout_s)
-        self._host_instance = ready.host_instance
-        self._last_host_hb = time.monotonic()
+        ready = handshake(self.chan, self._hello(), self.opts.handshake_timeout_s, stopped=self.stop_event.is_set)
+        self.watch = self._new_watch()
+        self.watch.connected(ready, time.monotonic())
         log(_log, logging.INFO, "ready", identity=self.identity)
         return ready
 
@@ -245,10 +232,15 @@ class StageWorker(abc.ABC):
             while not self.stop_event.is_set():
                 try:
                     self._iterate()
-                except _HostRestarted:
-                    log(_log, logging.WARNING, "host restarted or lost; reconnecting")
+                except _HostRestarted as exc:
+                    log(_log, logging.WARNING, "reconnecting to the session host", reason=str(exc))
                     self._reset_sessions()
-                    self._connect()
+                    try:
+                        self._connect()
+                    except HandshakeError:
+                        if self.stop_event.is_set():
+                            break  # told to stop while the host was away
+                        raise
         except BaseException as exc:
             # Tell the host we are dead (and why) before the process goes.
             log(_log, logging.ERROR, "worker failed", exc_info=True)
@@ -260,33 +252,33 @@ class StageWorker(abc.ABC):
         chan = self.chan
         assert chan is not None
         now = time.monotonic()
-        if now - self._last_host_hb > self.opts.heartbeat_timeout_s:
-            raise _HostRestarted()
+        silent = self.watch.silent(now)
+        if silent is not None:
+            raise _HostRestarted(silent)
         if self.has_work():
             timeout_ms = 0
         else:
             due = self.next_due_s()
-            wait = self.opts.heartbeat_interval_s if due is None else min(due, self.opts.heartbeat_interval_s)
+            wait = self.watch.wait_s(now) if due is None else min(due, self.watch.wait_s(now))
             timeout_ms = max(0, int(wait * 1000))
         chan.poll(timeout_ms)
-        for r in chan.drain(CONTROL):
+        for rc in chan.recv_batch(CONTROL):
             BUS_MESSAGES.labels(plane="control").inc()
-            self._on_control(r.msg)
-        for r in chan.drain(DATA, self.opts.max_data):
+            self._on_control(rc.msg)
+        for rd in chan.recv_batch(DATA, self.opts.max_data):
             BUS_MESSAGES.labels(plane="data").inc()
-            sid = getattr(r.msg, "session_id", None)
-            if sid is not None and self.is_current(sid, r.msg.epoch):
-                self.on_data(r.msg)
+            msg = rd.msg
+            if isinstance(msg, StageData) and self.is_current(msg.session_id, msg.epoch):
+                self.on_data(msg)
         if chan.bad_frames.count != self._bad_frames_seen:
             BUS_BAD_FRAMES.inc(chan.bad_frames.count - self._bad_frames_seen)
             log(_log, logging.WARNING, "undecodable bus message", error=chan.bad_frames.last)
             self._bad_frames_seen = chan.bad_frames.count
         if self.has_work():
             self.step()
-        now = time.monotonic()
-        if now - self._hb_sent_at >= self.opts.heartbeat_interval_s:
-            self._hb_sent_at = now
-            self._heartbeat(now)
+        beat = self.watch.heartbeat_due(time.monotonic())
+        if beat is not None:
+            self._heartbeat(beat)
 
     def _shutdown(self, reason: str = "shutdown", fatal: bool = False) -> None:
         if self.chan is None:

@@ -1,7 +1,8 @@
 """Audio conversion at the edge: client formats ↔ the engine's native format.
 
 Input is converted once, here, with soxr (a real resampler) to float32 at the engine's
-input rate; output leaves as pcm16 at 24 kHz or G.711 at 8 kHz. G.711 uses the
+input rate; output leaves as the bus output format (:mod:`duplexd.bus.audio_format`, pcm16
+24 kHz), resampled to the client's rate, or as G.711 at 8 kHz. G.711 uses the
 standard library's ``audioop`` (``audioop-lts`` on Python 3.13+), a maintained codec.
 """
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
+from duplexd.bus.audio_format import OUTPUT_DTYPE, OUTPUT_ENCODING, OUTPUT_RATE
+
 if sys.version_info >= (3, 13):  # pragma: no cover - depends on the interpreter
     import audioop  # provided by audioop-lts
 else:
@@ -24,7 +27,6 @@ else:
         warnings.simplefilter("ignore", DeprecationWarning)
         import audioop
 
-OUTPUT_RATE = 24000
 G711_RATE = 8000
 
 
@@ -40,7 +42,7 @@ class AudioFormatError(ValueError):
 class AudioFormat:
     """A client-side audio format: encoding (pcm16 | pcmu | pcma | float32) and rate."""
 
-    encoding: str = "pcm16"
+    encoding: str = OUTPUT_ENCODING
     rate: int = OUTPUT_RATE
 
     @property
@@ -48,9 +50,7 @@ class AudioFormat:
         return {"pcm16": 2, "pcmu": 1, "pcma": 1, "float32": 4}[self.encoding]
 
 
-PCM16_24K = AudioFormat("pcm16", 24000)
-PCMU = AudioFormat("pcmu", G711_RATE)
-PCMA = AudioFormat("pcma", G711_RATE)
+PCM16_OUT = AudioFormat(OUTPUT_ENCODING, OUTPUT_RATE)  # the bus output format, unchanged
 SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
@@ -62,7 +62,9 @@ def b64decode(data: str) -> bytes:
 
 
 def b64encode(data: bytes | memoryview | np.ndarray) -> str:
-    return base64.b64encode(memoryview(data).cast("B") if not isinstance(data, bytes) else data).decode()
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).data
+    return base64.b64encode(data if isinstance(data, bytes) else data.cast("B")).decode()
 
 
 def decode(raw: bytes | memoryview, fmt: AudioFormat) -> np.ndarray:
@@ -84,19 +86,20 @@ def decode(raw: bytes | memoryview, fmt: AudioFormat) -> np.ndarray:
     return np.frombuffer(lin, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def encode(pcm16_24k: np.ndarray, fmt: AudioFormat, resampler: OutputResampler | None = None) -> bytes:
-    """pcm16 24 kHz → client bytes in ``fmt``."""
-    if fmt.encoding == "pcm16" and fmt.rate == OUTPUT_RATE:
-        return pcm16_24k.astype("<i2", copy=False).tobytes()
-    x = pcm16_24k.astype(np.float32) / 32768.0
+def encode(pcm_out: np.ndarray, fmt: AudioFormat, resampler: OutputResampler | None = None) -> bytes:
+    """Bus output audio (pcm16 at ``OUTPUT_RATE``) → client bytes in ``fmt``."""
+    if fmt == PCM16_OUT:
+        return pcm_out.astype(OUTPUT_DTYPE, copy=False).tobytes()
+    x = pcm_out.astype(np.float32) / 32768.0
     if fmt.rate != OUTPUT_RATE:
         x = resampler.push(x) if resampler else soxr.resample(x, OUTPUT_RATE, fmt.rate)
     if fmt.encoding == "float32":
         return x.astype("<f4").tobytes()
-    lin = np.round(np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+    lin: bytes = np.round(np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
     if fmt.encoding == "pcm16":
         return lin
-    return audioop.lin2ulaw(lin, 2) if fmt.encoding == "pcmu" else audioop.lin2alaw(lin, 2)
+    out: bytes = audioop.lin2ulaw(lin, 2) if fmt.encoding == "pcmu" else audioop.lin2alaw(lin, 2)
+    return out
 
 
 class InputResampler:
@@ -110,19 +113,20 @@ class InputResampler:
     def push(self, x: np.ndarray) -> np.ndarray:
         if self._rs is None:
             return x
-        return self._rs.resample_chunk(x)
+        out: np.ndarray = self._rs.resample_chunk(x)
+        return out
 
     def flush(self) -> np.ndarray:
         """The resampler's tail (call before commit so the last milliseconds count)."""
         if self._rs is None:
             return np.zeros(0, dtype=np.float32)
-        tail = self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        tail: np.ndarray = self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._rs = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32")
         return tail
 
 
 class OutputResampler(InputResampler):
-    """Streaming 24 kHz → client-rate conversion for assistant audio."""
+    """Streaming bus-output-rate → client-rate conversion for assistant audio."""
 
     def __init__(self, out_rate: int) -> None:
         super().__init__(OUTPUT_RATE, out_rate)

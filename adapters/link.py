@@ -16,24 +16,26 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import numpy as np
 
 from duplexd.bus.addresses import BusAddresses
+from duplexd.bus.liveness import HandshakeError, HostWatch
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     PROTOCOL_VERSION,
+    AdapterEvent,
     AudioIn,
     AudioOut,
+    ClientCommand,
     ClusterStatus,
+    ControlMessage,
     EngineInfo,
     EpochAdvance,
     ErrorEvent,
     Goodbye,
     Heartbeat,
     Hello,
-    HelloRequired,
     InputClear,
     InputCommit,
     Item,
@@ -41,6 +43,9 @@ from duplexd.bus.messages import (
     ItemDelete,
     ItemRetrieve,
     ItemTruncate,
+    Message,
+    MetricSample,
+    Plane,
     PlaybackAck,
     ResponseCancel,
     ResponseCreate,
@@ -50,6 +55,7 @@ from duplexd.bus.messages import (
     SessionClose,
     SessionClosed,
     SessionConfig,
+    SessionEvent,
     SessionOpen,
     SessionUpdate,
     SnapshotRequest,
@@ -61,7 +67,6 @@ from duplexd.bus.sockets import (
     AsyncWaiter,
     Backpressure,
     Channel,
-    HandshakeError,
     connect_peer,
     handshake_async,
     peer_identity,
@@ -69,7 +74,7 @@ from duplexd.bus.sockets import (
 
 _log = get_logger(__name__)
 
-EventHandler = Callable[[Any], Awaitable[None]]
+EventHandler = Callable[[AdapterEvent], Awaitable[None]]
 
 
 class SessionUnavailable(Exception):
@@ -83,12 +88,12 @@ class SessionLink:
         self.link = link
         self.session_id = session_id
         self.epoch = 0
-        self._announced = 0
+        self.announced = 0  # newest epoch whose EpochAdvance was queued for the handler
         self.seq = 0
         self.closed = False
         self.engine: EngineInfo | None = None
         self._handler = handler
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queue: asyncio.Queue[AdapterEvent] = asyncio.Queue()
         self._max_queue = max_queue
         self._done_responses: set[str] = set()
         self.dropped_stale = 0
@@ -99,7 +104,7 @@ class SessionLink:
         self.seq += 1
         return self.seq
 
-    def _data(self, msg: Any) -> None:
+    def _data(self, msg: ClientCommand) -> None:
         if self.closed:
             raise SessionUnavailable("session is closed")
         self.link.send(DATA, msg)
@@ -169,11 +174,11 @@ class SessionLink:
         """Control plane: fence now (queued stale audio is dropped at dequeue) and tell
         the handler, which may tell its client to flush playback."""
         self.advance(msg.epoch)
-        if msg.epoch > self._announced:
-            self._announced = msg.epoch
+        if msg.epoch > self.announced:
+            self.announced = msg.epoch
             self._queue.put_nowait(msg)
 
-    def deliver(self, msg: Any) -> None:
+    def deliver(self, msg: SessionEvent) -> None:
         """Called by the HostLink loop, in bus order; never blocks."""
         self.advance(msg.epoch)  # a newer epoch seen on data first is adopted at once
         if isinstance(msg, AudioOut) and self._stale(msg):
@@ -252,10 +257,8 @@ class HostLink:
         self.sessions: dict[str, SessionLink] = {}
         self._chan: Channel | None = None
         self._waiter: AsyncWaiter | None = None
-        self._host_instance = ""
-        self._last_host = 0.0
+        self.watch = HostWatch(heartbeat_interval_s, heartbeat_timeout_s, metrics_interval_s)
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._connected_event = asyncio.Event()
         self._bad_seen = 0
 
@@ -278,7 +281,6 @@ class HostLink:
             await self._connected_event.wait()
 
     async def stop(self) -> None:
-        self._stopping = True
         for s in list(self.sessions.values()):
             await s.close("adapter shutting down")
         if self._chan is not None:
@@ -315,11 +317,11 @@ class HostLink:
     def forget(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
-    def send(self, plane: str, msg: Any) -> None:
+    def send(self, plane: Plane, msg: Message) -> None:
         if self._chan is None or not self.connected:
             raise SessionUnavailable("the session host is not connected")
         try:
-            self._chan.send(plane, msg)  # type: ignore[arg-type]
+            self._chan.send(plane, msg)
         except Backpressure:
             BACKPRESSURE.labels(hop=f"adapter-{plane}").inc()
             raise
@@ -340,28 +342,32 @@ class HostLink:
                 break
             except HandshakeError as exc:
                 log(_log, logging.WARNING, "waiting for the session host", error=str(exc))
-        self._host_instance = ready.host_instance
-        self._last_host = time.monotonic()
+        self.watch = HostWatch(self.hb_interval, self.hb_timeout, self.metrics_interval)
+        self.watch.connected(ready, time.monotonic())
         self.connected = True
         self._connected_event.set()
         log(_log, logging.INFO, "connected to session host", instance=ready.host_instance)
 
     async def _run(self) -> None:
         await self._connect()
-        last_hb = 0.0
-        last_metrics = 0.0
         while True:
             assert self._chan is not None and self._waiter is not None
-            await self._waiter.wait(self.hb_interval)
+            await self._waiter.wait(self.watch.wait_s(time.monotonic()))
             now = time.monotonic()
             try:
-                for r in self._chan.drain(CONTROL):
-                    self._on_control(r.msg)
-                for r in self._chan.drain(DATA, 1024):
-                    sid = getattr(r.msg, "session_id", None)
-                    s = self.sessions.get(sid) if sid is not None else None
-                    if s is not None:
-                        s.deliver(r.msg)
+                for rc in self._chan.recv_batch(CONTROL):
+                    self._on_control(rc.msg, now)
+                for rd in self._chan.recv_batch(DATA, 1024):
+                    msg = rd.msg
+                    if isinstance(msg, SessionEvent):
+                        s = self.sessions.get(msg.session_id)
+                        if s is not None:
+                            if msg.epoch > s.announced:
+                                # The host sent this epoch's EpochAdvance first, on the other
+                                # socket: take it now, so the client hears of it first.
+                                for rc in self._chan.recv_batch(CONTROL):
+                                    self._on_control(rc.msg, now)
+                            s.deliver(msg)
             except _HostLost as exc:
                 self._host_lost(str(exc))
                 await self._connect()
@@ -369,37 +375,28 @@ class HostLink:
             if self._chan.bad_frames.count != self._bad_seen:
                 BUS_BAD_FRAMES.inc(self._chan.bad_frames.count - self._bad_seen)
                 self._bad_seen = self._chan.bad_frames.count
-            if now - self._last_host > self.hb_timeout:
-                self._host_lost("the session host stopped answering")
+            silent = self.watch.silent(now)
+            if silent is not None:
+                self._host_lost(silent)
                 await self._connect()
                 continue
-            if now - last_hb >= self.hb_interval:
-                last_hb = now
-                metrics: tuple = ()
-                if now - last_metrics >= self.metrics_interval:
-                    last_metrics = now
-                    metrics = snapshot()
+            beat = self.watch.heartbeat_due(now)
+            if beat is not None:
+                metrics: tuple[MetricSample, ...] = snapshot() if beat.with_metrics else ()
                 with contextlib.suppress(Backpressure):
-                    self._chan.send(CONTROL, Heartbeat(0, self.identity, metrics=metrics))
+                    self._chan.send(CONTROL, Heartbeat(beat.seq, self.identity, metrics=metrics))
 
-    def _on_control(self, msg: Any) -> None:
-        self._last_host = time.monotonic()
+    def _on_control(self, msg: ControlMessage, now: float) -> None:
+        gone = self.watch.on_control(msg, now)
+        if gone is not None:
+            raise _HostLost(gone)
         match msg:
             case EpochAdvance(session_id=sid):
                 s = self.sessions.get(sid)
                 if s is not None:
                     s.announce(msg)
             case ClusterStatus():
-                if self._host_instance and msg.host_instance != self._host_instance:
-                    raise _HostLost("the session host restarted")
                 self.status = msg
-            case Heartbeat(host_instance=inst):
-                if inst and inst != self._host_instance:
-                    raise _HostLost("the session host restarted")
-            case HelloRequired():
-                raise _HostLost("the session host restarted")
-            case Goodbye(reason=reason):
-                raise _HostLost(f"the session host left: {reason}")
             case _:
                 pass
 

@@ -13,8 +13,10 @@ pcm16 LE at 24 kHz.
 
 Session settings use the protocol-neutral :class:`SessionConfig` names (``turn_mode``,
 ``vad``, ``overlap``, ``commit_policy``, ``force_listen_count``...) and accept the
-Realtime spellings too (``turn_detection``, ``modalities``, ``input_audio_format`` as a
-string), so a Realtime client's ``session.update`` works here unchanged.
+Realtime spellings too (``turn_detection``, ``modalities``, ``audio.input.format``...),
+read by the same translator as ``/v1/realtime`` (:mod:`realtime_session`), so a Realtime
+client's ``session.update``, ``response.create`` and items work here unchanged and a bad
+field gets the same error on both endpoints.
 """
 
 from __future__ import annotations
@@ -26,17 +28,44 @@ import uuid
 from typing import Any
 
 import msgspec
+from websockets.asyncio.server import ServerConnection
 
-from duplexd.adapters.audio import SUPPORTED_RATES, AudioFormat, b64decode, b64encode, encode
-from duplexd.adapters.protocol import ClientError, ProtocolHandler, merge_config, shared_event
+from duplexd.adapters.audio import G711_RATE, PCM16_OUT, SUPPORTED_RATES, AudioFormat, b64decode, b64encode, encode
+from duplexd.adapters.protocol import JSONObject, Listener, ProtocolHandler, shared_event
+from duplexd.adapters.realtime_session import (
+    RealtimeSettings,
+    apply_update,
+    initial_settings,
+    parse_item,
+    response_options,
+)
+from duplexd.adapters.validation import (
+    ClientError,
+    bad,
+    convert,
+    only,
+    opt_bool,
+    opt_int,
+    opt_str,
+    optional,
+    req_int,
+    req_obj,
+    req_str,
+    required,
+    set_fields,
+    want_choice,
+    want_int,
+    want_obj,
+)
+from duplexd.bus.audio_format import OUTPUT_ENCODING, OUTPUT_RATE
 from duplexd.bus.messages import (
     Action,
+    AdapterEvent,
     AudioOut,
     Decision,
+    EngineInfo,
     EpochAdvance,
-    ErrorEvent,
     InputTranscript,
-    Item,
     ItemAdded,
     ItemDeleted,
     ItemDone,
@@ -44,7 +73,6 @@ from duplexd.bus.messages import (
     PlaybackCommitted,
     ResponseCreated,
     ResponseDone,
-    ResponseOptions,
     SessionClosed,
     SessionConfig,
     SessionOpened,
@@ -91,41 +119,29 @@ def full(obj: Any) -> Any:
 
 # Realtime ``input_audio_format`` strings (beta and GA spellings) → our format.
 _FORMAT_NAMES = {
-    "pcm16": AudioFormat("pcm16", 24000),
-    "audio/pcm": AudioFormat("pcm16", 24000),
-    "g711_ulaw": AudioFormat("pcmu", 8000),
-    "audio/pcmu": AudioFormat("pcmu", 8000),
-    "pcmu": AudioFormat("pcmu", 8000),
-    "g711_alaw": AudioFormat("pcma", 8000),
-    "audio/pcma": AudioFormat("pcma", 8000),
-    "pcma": AudioFormat("pcma", 8000),
-    "float32": AudioFormat("float32", 24000),
+    "pcm16": PCM16_OUT,
+    "audio/pcm": PCM16_OUT,
+    "g711_ulaw": AudioFormat("pcmu", G711_RATE),
+    "audio/pcmu": AudioFormat("pcmu", G711_RATE),
+    "pcmu": AudioFormat("pcmu", G711_RATE),
+    "g711_alaw": AudioFormat("pcma", G711_RATE),
+    "audio/pcma": AudioFormat("pcma", G711_RATE),
+    "pcma": AudioFormat("pcma", G711_RATE),
+    "float32": AudioFormat("float32", OUTPUT_RATE),
 }
-_VAD_KEYS = (
-    "threshold",
-    "prefix_padding_ms",
-    "silence_duration_ms",
-    "create_response",
-    "interrupt_response",
-    "idle_timeout_ms",
-)
 _DUPLEX_KEYS = ("force_listen_count", "listen_prob_scale")
-# Realtime session fields with no meaning here (transcripts are always on, no tools):
-# accepted and ignored, so a Realtime client's session.update needs no change.
-_REALTIME_ONLY = (
-    "model",
-    "input_audio_transcription",
-    "input_audio_noise_reduction",
-    "tools",
-    "tool_choice",
-    "include",
-    "tracing",
-    "truncation",
-    "prompt",
+# Session fields in this protocol's own spelling (SessionConfig names the Realtime session
+# does not have); every other field is read by the Realtime translator.
+_NATIVE_FIELDS = frozenset(
+    {"turn_mode", "vad", "overlap", "commit_policy", "force_listen_count", "listen_prob_scale", "continuation_cap_ms"}
 )
+# Read-only fields of the session object a client may echo back.
+_READ_ONLY = frozenset({"id", "object", "epoch", "output_audio_format", "type"})
+# Item fields this protocol renders that a client may echo back.
+_ITEM_READ_ONLY = frozenset({"audio_ms"})
 
 
-def turn_detection_of(config: SessionConfig) -> dict[str, Any] | None:
+def turn_detection_of(config: SessionConfig) -> JSONObject | None:
     """The Realtime-style ``turn_detection`` view of a session's turn mode."""
     if config.turn_mode == TurnMode.MANUAL:
         return None
@@ -134,67 +150,45 @@ def turn_detection_of(config: SessionConfig) -> dict[str, Any] | None:
     return {"type": "server_vad", **full(config.vad)}
 
 
-def translate_realtime(patch: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite Realtime spellings in a ``session.update`` into SessionConfig fields."""
-    patch = dict(patch)
-    audio = patch.pop("audio", None)
-    if audio is not None:  # GA nesting: audio.input.{format, turn_detection}, audio.output.voice
-        if not isinstance(audio, dict):
-            raise ClientError("invalid_type", "audio must be an object", param="audio")
-        inp, out = audio.get("input") or {}, audio.get("output") or {}
-        if not isinstance(inp, dict) or not isinstance(out, dict):
-            raise ClientError("invalid_type", "audio.input and audio.output must be objects", param="audio")
-        if "turn_detection" in inp:
-            patch.setdefault("turn_detection", inp["turn_detection"])
-        fmt = inp.get("format")
-        if isinstance(fmt, dict) and "type" in fmt:
-            named = _FORMAT_NAMES.get(fmt["type"])
-            if named is None:
-                raise ClientError(
-                    "invalid_value", f"unsupported audio format {fmt['type']!r}", param="audio.input.format.type"
-                )
-            patch.setdefault("input_audio_format", {"encoding": named.encoding, "rate": fmt.get("rate", named.rate)})
-        if "voice" in out:
-            patch.setdefault("voice", out["voice"])
-    if "modalities" in patch:
-        patch.setdefault("output_modalities", patch.pop("modalities"))
-    if "max_response_output_tokens" in patch:
-        patch.setdefault("max_output_tokens", patch.pop("max_response_output_tokens"))
-    if patch.get("max_output_tokens") == "inf":
-        patch["max_output_tokens"] = 0
-    for key in _REALTIME_ONLY:
-        patch.pop(key, None)
-    if "turn_detection" not in patch:
-        return patch
-    td = patch.pop("turn_detection")
-    if td is None:
-        patch["turn_mode"] = TurnMode.MANUAL.value
-        return patch
-    if not isinstance(td, dict):
-        raise ClientError("invalid_type", "turn_detection must be an object or null", param="turn_detection")
-    kind = td.get("type", "server_vad")
-    extra = sorted(set(td) - {"type", *_VAD_KEYS, *_DUPLEX_KEYS})
-    if extra:
-        raise ClientError(
-            "unknown_parameter", f"unknown turn_detection field {extra[0]!r}", param=f"turn_detection.{extra[0]}"
-        )
-    if kind == "server_vad":
-        patch["turn_mode"] = TurnMode.SERVER_VAD.value
-        vad = {k: td[k] for k in _VAD_KEYS if k in td}
-        if vad:
-            patch["vad"] = {**(patch.get("vad") or {}), **vad}
-    elif kind == "duplex":
-        patch["turn_mode"] = TurnMode.DUPLEX.value
-        for k in _DUPLEX_KEYS:
-            if k in td:
-                patch[k] = td[k]
-    else:
-        raise ClientError(
-            "invalid_value",
-            f"turn_detection.type {kind!r} is not supported: use 'server_vad', 'duplex' or turn_detection null",
-            param="turn_detection.type",
-        )
-    return patch
+def merge_native(current: SessionConfig, patch: JSONObject) -> SessionConfig:
+    """``current`` with the native-spelled fields of ``patch`` changed (nested structs merge)."""
+    base = msgspec.to_builtins(current)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **set_fields(value)}
+        else:
+            base[key] = value
+    result: SessionConfig = convert(base, SessionConfig, "session")
+    return result
+
+
+def apply_native_update(
+    config: SessionConfig, input_format: AudioFormat, patch: object
+) -> tuple[SessionConfig, AudioFormat, str | None]:
+    """A native ``session.update``'s ``session`` → (new config, input format, new audio
+    transport or None). Realtime spellings go through the Realtime translator, so both
+    endpoints read them alike; nothing is applied unless everything is valid."""
+    native: JSONObject = {}
+    realtime: JSONObject = {}
+    fmt = input_format
+    transport: str | None = None
+    for key, value in want_obj(patch, "session").items():
+        if key in _READ_ONLY:
+            continue
+        if key == "audio_transport":
+            if value is not None:
+                transport = want_choice(value, "session.audio_transport", ("binary", "json"))
+        elif key == "input_audio_format" and value is not None and not (isinstance(value, dict) and "type" in value):
+            fmt = native_format(value)  # {encoding, rate} or a format name (a GA {type, rate}: below)
+        elif key in _NATIVE_FIELDS:
+            if value is not None:  # null: not set
+                native[key] = value
+        else:
+            realtime[key] = value  # the translator knows what null means for each
+    settings = initial_settings(config, "")
+    settings.input_format = fmt
+    settings, config = apply_update(settings, config, realtime, keep_vad=True)
+    return merge_native(config, native), settings.input_format, transport
 
 
 class NativeHandler(ProtocolHandler):
@@ -202,25 +196,22 @@ class NativeHandler(ProtocolHandler):
 
     endpoint = "duplex"
 
-    def __init__(self, ws: Any, server: Any) -> None:
+    def __init__(self, ws: ServerConnection, server: Listener) -> None:
         super().__init__(ws, server)
         self.audio_transport = "binary"  # or "json": base64 deltas, for clients without binary frames
         self.epoch = 0
 
     # ------------------------------------------------------------------ session object
-    def session_object(self) -> dict[str, Any]:
-        s = full(self.config)
+    def session_object(self) -> JSONObject:
+        s: JSONObject = full(self.config)
         s["object"] = "duplex.session"
         s["turn_detection"] = turn_detection_of(self.config)
         s["input_audio_format"] = {"encoding": self.input_format.encoding, "rate": self.input_format.rate}
-        s["output_audio_format"] = {"encoding": "pcm16", "rate": 24000}
+        s["output_audio_format"] = {"encoding": OUTPUT_ENCODING, "rate": OUTPUT_RATE}
         s["audio_transport"] = self.audio_transport
         s["id"] = self.session.session_id if self.session else ""
         s["epoch"] = self.epoch
         return s
-
-    async def on_open(self) -> None:
-        pass  # greeted on SessionOpened, when the engine format is known
 
     # ------------------------------------------------------------------ client → server
     async def on_binary(self, data: bytes) -> None:
@@ -234,23 +225,20 @@ class NativeHandler(ProtocolHandler):
             )
         self.push_audio(memoryview(data)[1:], force=kind == AUDIO_IN_FORCE)
 
-    async def on_text(self, event: dict[str, Any]) -> None:
+    async def on_text(self, event: JSONObject, event_id: str) -> None:
         assert self.session is not None
         etype: str = event["type"]
-        eid = event.get("event_id") or ""
+        eid = event_id
         s = self.session
         match etype:
             case "session.update":
-                self._session_update(event.get("session"), eid)
+                self._session_update(required(event, "session"), eid)
             case "session.get":
                 s.request_snapshot(eid)
             case "session.close":
                 await self.ws.close(1000, "client closed the session")
             case "input_audio_buffer.append":
-                audio = event.get("audio")
-                if not isinstance(audio, str):
-                    raise ClientError("missing_required_parameter", "missing required parameter 'audio'", param="audio")
-                self.push_audio(b64decode(audio), force=bool(event.get("force")))
+                self.push_audio(b64decode(req_str(event, "audio")), force=bool(opt_bool(event, "force")))
             case "input_audio_buffer.commit":
                 self.flush_audio()
                 s.commit(eid)
@@ -258,49 +246,38 @@ class NativeHandler(ProtocolHandler):
                 s.clear(eid)
             case "input.interrupt":
                 self.flush_audio()
-                s.cancel(_opt_str(event, "response_id"), eid)
+                s.cancel(opt_str(event, "response_id") or "", eid)
             case "response.create":
-                s.create_response(_response_options(event.get("response")), eid)
+                s.create_response(response_options(optional(event, "response"), RealtimeSettings()), eid)
             case "response.cancel":
-                s.cancel(_opt_str(event, "response_id"), eid)
+                s.cancel(opt_str(event, "response_id") or "", eid)
             case "playback.ack":
-                played = _req_int(event, "played_ms")
-                if played < 0:
-                    raise ClientError("invalid_value", "played_ms must be >= 0", param="played_ms")
-                s.ack(_req_str(event, "response_id"), _req_str(event, "item_id"), played, eid)
+                played = req_int(event, "played_ms", lo=0)
+                rid, iid = req_str(event, "response_id", nonempty=True), req_str(event, "item_id", nonempty=True)
+                s.ack(rid, iid, played, eid)
             case "conversation.item.create":
-                item = _item_from(event.get("item"))
-                prev = event.get("previous_item_id")
-                s.item_create(item, prev if isinstance(prev, str) else None, eid)
+                item = parse_item(req_obj(event, "item"), f"item_{uuid.uuid4().hex[:20]}", _ITEM_READ_ONLY)
+                s.item_create(item, opt_str(event, "previous_item_id"), eid)
             case "conversation.item.truncate":
                 s.truncate(
-                    _req_str(event, "item_id"),
-                    _req_int(event, "audio_end_ms"),
-                    int(event.get("content_index") or 0),
+                    req_str(event, "item_id", nonempty=True),
+                    req_int(event, "audio_end_ms", lo=0),
+                    opt_int(event, "content_index", lo=0) or 0,
                     eid,
                 )
             case "conversation.item.delete":
-                s.item_delete(_req_str(event, "item_id"), eid)
+                s.item_delete(req_str(event, "item_id", nonempty=True), eid)
             case "conversation.item.retrieve":
-                s.item_retrieve(_req_str(event, "item_id"), eid)
+                s.item_retrieve(req_str(event, "item_id", nonempty=True), eid)
             case _:
                 raise ClientError("unknown_event", f"unknown event type {etype!r}", param="type")
 
-    def _session_update(self, patch: Any, event_id: str) -> None:
-        if not isinstance(patch, dict):
-            raise ClientError("missing_required_parameter", "missing required parameter 'session'", param="session")
-        patch = translate_realtime(patch)
-        for key in ("id", "object", "epoch", "output_audio_format", "type"):
-            patch.pop(key, None)
-        fmt = patch.pop("input_audio_format", None)
-        transport = patch.pop("audio_transport", None)
-        if transport is not None and transport not in ("binary", "json"):
-            raise ClientError("invalid_value", "audio_transport must be 'binary' or 'json'", param="audio_transport")
-        new_fmt = _audio_format(fmt) if fmt is not None else None
-        config = merge_config(self.config, patch)
-        # Validated as a whole: apply nothing unless everything is valid.
-        if new_fmt is not None:
-            self.set_input_format(new_fmt)
+    def _session_update(self, patch: object, event_id: str) -> None:
+        config, fmt, transport = apply_native_update(self.config, self.input_format, patch)
+        # Validated as a whole: nothing was applied unless everything is valid.
+        if fmt != self.input_format:
+            self.flush_audio()  # audio already sent keeps its format
+            self.set_input_format(fmt)
         if transport is not None:
             self.audio_transport = transport
         self.config = config
@@ -308,8 +285,15 @@ class NativeHandler(ProtocolHandler):
         self.session.update(config, event_id)
 
     # ------------------------------------------------------------------ server → client
-    async def on_event(self, msg: Any) -> None:
-        self.epoch = max(self.epoch, getattr(msg, "epoch", 0))
+    def error_payload(
+        self, code: str, message: str, type_: str, param: str, event_id: str | None, response_id: str
+    ) -> JSONObject:
+        payload = super().error_payload(code, message, type_, param, event_id, response_id)
+        payload["error"]["response_id"] = response_id or None
+        return payload
+
+    async def on_event(self, msg: AdapterEvent) -> None:
+        self.epoch = max(self.epoch, msg.epoch)
         payload = shared_event(msg)
         if payload is not None:
             await self.send_json(payload)
@@ -332,11 +316,15 @@ class NativeHandler(ProtocolHandler):
                 )
             case SessionOpened():
                 await self.send_json(
-                    {"type": "session.created", "session": self.session_object(), "engine": full(msg.engine)}
+                    {"type": "session.created", "session": self.session_object(), "engine": engine_object(msg.engine)}
                 )
             case SessionUpdated(event_id=eid):
                 await self.send_json(
-                    {"type": "session.updated", "session": self.session_object(), "client_event_id": eid or None}
+                    {
+                        "type": "session.updated",
+                        "session": self.session_object(),
+                        "client_event_id": self.client_event_id(eid),
+                    }
                 )
             case ItemAdded():
                 await self.send_json(
@@ -403,7 +391,7 @@ class NativeHandler(ProtocolHandler):
                         "item_id": msg.item_id,
                         "played_ms": msg.played_ms,
                         "history": full(msg.history),
-                        "client_event_id": msg.event_id or None,
+                        "client_event_id": self.client_event_id(msg.event_id),
                     }
                 )
             case Snapshot():
@@ -411,13 +399,9 @@ class NativeHandler(ProtocolHandler):
                     {
                         "type": "session.snapshot",
                         "snapshot": full(msg.snapshot),
-                        "client_event_id": msg.event_id or None,
+                        "client_event_id": self.client_event_id(msg.event_id),
                     }
                 )
-            case ErrorEvent():
-                payload = self.error_payload(msg.code, msg.message, msg.type, msg.param, msg.event_id)
-                payload["error"]["response_id"] = msg.response_id or None
-                await self.send_json(payload)
             case SessionClosed():
                 await self.send_json({"type": "session.closed", "reason": msg.reason})
             case EpochAdvance():
@@ -434,7 +418,7 @@ class NativeHandler(ProtocolHandler):
             "end_of_turn": msg.end_of_turn,
             "text": msg.text,
         }
-        pcm = encode(msg.pcm, AudioFormat())
+        pcm = encode(msg.pcm, PCM16_OUT)
         if self.audio_transport == "binary":
             await self.ws.send(pack_audio_out(header, pcm))
         else:
@@ -442,76 +426,23 @@ class NativeHandler(ProtocolHandler):
 
 
 # ---------------------------------------------------------------------- field helpers
-def _req_str(event: dict[str, Any], key: str) -> str:
-    v = event.get(key)
-    if not isinstance(v, str) or not v:
-        raise ClientError("missing_required_parameter", f"missing required parameter '{key}'", param=key)
-    return v
+def engine_object(engine: EngineInfo) -> JSONObject:
+    """The engine as ``session.created`` shows it: its native input format and the wire's
+    output rate (every engine's audio reaches the adapter at the bus output format)."""
+    return {**full(engine), "output_rate": OUTPUT_RATE}
 
 
-def _opt_str(event: dict[str, Any], key: str) -> str:
-    v = event.get(key)
-    if v is None:
-        return ""
-    if not isinstance(v, str):
-        raise ClientError("invalid_type", f"'{key}' must be a string", param=key)
-    return v
-
-
-def _req_int(event: dict[str, Any], key: str) -> int:
-    v = event.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ClientError("missing_required_parameter", f"missing or non-numeric parameter '{key}'", param=key)
-    return int(v)
-
-
-def _audio_format(fmt: Any) -> AudioFormat:
-    if isinstance(fmt, str) and fmt in _FORMAT_NAMES:
+def native_format(fmt: object) -> AudioFormat:
+    """``input_audio_format``: ``{encoding, rate}`` or a format name."""
+    param = "session.input_audio_format"
+    if isinstance(fmt, str):
+        if fmt not in _FORMAT_NAMES:
+            raise bad(param, f"unsupported audio format {fmt!r}; one of {sorted(_FORMAT_NAMES)}")
         return _FORMAT_NAMES[fmt]
-    if not isinstance(fmt, dict):
-        raise ClientError(
-            "invalid_value",
-            f"input_audio_format must be an object {{encoding, rate}} or one of {sorted(_FORMAT_NAMES)}",
-            param="input_audio_format",
-        )
-    enc = fmt.get("encoding", "pcm16")
-    rate = fmt.get("rate", 24000)
-    if enc not in ("pcm16", "float32", "pcmu", "pcma"):
-        raise ClientError("invalid_value", f"unsupported encoding {enc!r}", param="input_audio_format.encoding")
+    obj = want_obj(fmt, param)
+    only(obj, {"encoding", "rate"}, param)
+    enc = want_choice(obj.get("encoding", "pcm16"), f"{param}.encoding", ("pcm16", "float32", "pcmu", "pcma"))
+    rate = want_int(obj.get("rate", OUTPUT_RATE), f"{param}.rate")
     if rate not in SUPPORTED_RATES:
-        raise ClientError(
-            "invalid_value", f"unsupported rate {rate!r}; one of {SUPPORTED_RATES}", param="input_audio_format.rate"
-        )
+        raise bad(f"{param}.rate", f"unsupported rate {rate}; one of {SUPPORTED_RATES}")
     return AudioFormat(enc, rate)
-
-
-def _response_options(obj: Any) -> ResponseOptions:
-    if obj is None:
-        return ResponseOptions()
-    if not isinstance(obj, dict):
-        raise ClientError("invalid_type", "'response' must be an object", param="response")
-    try:
-        return msgspec.convert(obj, ResponseOptions)
-    except msgspec.ValidationError as exc:
-        raise ClientError("invalid_value", f"invalid response options: {exc}", param="response") from exc
-
-
-def _item_from(obj: Any) -> Item:
-    if not isinstance(obj, dict):
-        raise ClientError("missing_required_parameter", "missing required parameter 'item'", param="item")
-    obj = dict(obj)
-    obj.setdefault("id", f"item_{uuid.uuid4().hex[:20]}")
-    obj.setdefault("type", "message")
-    obj.pop("object", None)
-    content = obj.get("content") or []
-    if not isinstance(content, list):
-        raise ClientError("invalid_type", "item.content must be a list", param="item.content")
-    obj["content"] = [
-        {k: v for k, v in part.items() if k in ("type", "text", "transcript")}
-        for part in content
-        if isinstance(part, dict)
-    ]
-    try:
-        return msgspec.convert(obj, Item)
-    except msgspec.ValidationError as exc:
-        raise ClientError("invalid_value", f"invalid item: {exc}", param="item") from exc

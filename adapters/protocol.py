@@ -1,9 +1,11 @@
 """What every websocket protocol handler shares: the connection loop, JSON in/out,
-error events, config merging, and the session link.
+error events (one log line each), client event ids, and the session link.
 
 A handler subclass maps its client events onto :class:`SessionLink` commands and bus
 session events onto its server events. Nothing a client sends can end the loop except
 closing the socket: malformed JSON, unknown events and bad fields become error events.
+The Realtime and native handlers open their session when the socket opens; the demo
+bridge opens it on its ``prepare`` message (:attr:`ProtocolHandler.open_on_connect`).
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import contextlib
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-import msgspec
 import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from duplexd.adapters.audio import AudioFormat, AudioFormatError, InputResampler, decode
-from duplexd.adapters.link import SessionLink, SessionUnavailable
+from duplexd.adapters.link import HostLink, SessionLink, SessionUnavailable
+from duplexd.adapters.validation import ClientError
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
+    AdapterEvent,
     ErrorEvent,
     IdleTimeout,
     InputCleared,
@@ -40,46 +44,36 @@ from duplexd.bus.messages import (
 from duplexd.bus.metrics import CLIENT_ERRORS, CONNECTIONS
 from duplexd.bus.sockets import Backpressure
 
-if TYPE_CHECKING:
-    from duplexd.adapters.server import AdapterServer
-
 _log = get_logger(__name__)
 
+JSONObject = dict[str, Any]
 
-class ClientError(Exception):
-    """A client event we reject; becomes an error event, the connection stays."""
+# Client events without an ``event_id`` get one of ours, so an error the host reports for
+# the command they caused can still name the event type in the log. Never shown to clients.
+AUTO_EVENT_PREFIX = "duplexd_auto_"
+_EVENT_TYPES_KEPT = 256
 
-    def __init__(self, code: str, message: str, param: str = "", type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.code = code
-        self.param = param
-        self.type = type_
+
+class Listener(Protocol):
+    """What a handler needs of the server that accepted its connection."""
+
+    link: HostLink
+    default_session: SessionConfig
+    max_audio_bytes: int
 
 
 def new_event_id() -> str:
     return f"event_{uuid.uuid4().hex[:20]}"
 
 
-def merge_config(current: SessionConfig, patch: dict[str, Any]) -> SessionConfig:
-    """``current`` with the fields of ``patch`` changed (nested structs merge too)."""
-    base = msgspec.to_builtins(current)
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    try:
-        return msgspec.convert(base, SessionConfig)
-    except msgspec.ValidationError as exc:
-        raise ClientError("invalid_value", f"invalid session settings: {exc}", param="session") from exc
-
-
 class ProtocolHandler(abc.ABC):
     """One websocket connection speaking one protocol."""
 
     endpoint = "ws"
+    open_on_connect = True  # False: the handler opens its session itself (open_session)
+    stamp_event_ids = True  # every server event carries a unique event_id
 
-    def __init__(self, ws: ServerConnection, server: AdapterServer) -> None:
+    def __init__(self, ws: ServerConnection, server: Listener) -> None:
         self.ws = ws
         self.server = server
         self.session: SessionLink | None = None
@@ -88,24 +82,31 @@ class ProtocolHandler(abc.ABC):
         self._resampler: InputResampler | None = None
         self._closing = False
         self._active_response = ""
+        self._event_types: dict[str, str] = {}  # client event id → its type (recent ones)
+        self._auto_ids = 0
 
     # ------------------------------------------------------------------ to implement
-    @abc.abstractmethod
-    async def on_open(self) -> None:
-        """Session opened: greet the client (session.created...)."""
+    async def on_open(self) -> None:  # noqa: B027 - optional hook
+        """The socket is open (and the session, when ``open_on_connect``)."""
+
+    async def on_close(self) -> None:  # noqa: B027 - optional hook
+        """The socket ended; the session closes right after."""
 
     @abc.abstractmethod
-    async def on_text(self, event: dict[str, Any]) -> None:
-        """One parsed client JSON event."""
+    async def on_text(self, event: JSONObject, event_id: str) -> None:
+        """One parsed client JSON event; ``event_id`` is the client's or one of ours
+        (pass it to session commands; render it with :meth:`client_event_id`)."""
 
     async def on_binary(self, data: bytes) -> None:
         raise ClientError("binary_not_supported", "this endpoint takes JSON text frames only")
 
     @abc.abstractmethod
-    async def on_event(self, msg: Any) -> None:
-        """One bus session event (already epoch-fenced)."""
+    async def on_event(self, msg: AdapterEvent) -> None:
+        """One bus session event (already epoch-fenced); error events are sent by the loop."""
 
-    def error_payload(self, code: str, message: str, type_: str, param: str, event_id: str) -> dict[str, Any]:
+    def error_payload(
+        self, code: str, message: str, type_: str, param: str, event_id: str | None, response_id: str
+    ) -> JSONObject:
         """The error event: Realtime's shape, which the native protocol shares."""
         return {
             "type": "error",
@@ -114,23 +115,38 @@ class ProtocolHandler(abc.ABC):
                 "code": code,
                 "message": message,
                 "param": param or None,
-                "event_id": event_id or None,
+                "event_id": event_id,
             },
         }
+
+    def swallow_error(self, msg: ErrorEvent) -> bool:
+        """Whether a host error answers something of ours, not the client's (never sent)."""
+        return False
 
     # ------------------------------------------------------------------ plumbing
     def session_id(self) -> str:
         return f"sess_{uuid.uuid4().hex[:20]}"
 
+    def open_session(self, session_id: str, config: SessionConfig) -> SessionLink:
+        """Open (or re-open) the session on the host; raises :class:`SessionUnavailable`."""
+        self.session = self.server.link.open(session_id, config, self._on_bus_event)
+        return self.session
+
+    async def close_session(self, reason: str) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            await session.close(reason)
+
     async def run(self) -> None:
         CONNECTIONS.labels(endpoint=self.endpoint).inc()
         try:
-            try:
-                self.session = self.server.link.open(self.session_id(), self.config, self._on_bus_event)
-            except SessionUnavailable as exc:
-                await self.send_error("server_unavailable", str(exc), "server_error")
-                await self.ws.close(1013, "server not ready")
-                return
+            if self.open_on_connect:
+                try:
+                    self.open_session(self.session_id(), self.config)
+                except SessionUnavailable as exc:
+                    await self.send_error("server_unavailable", str(exc), "server_error")
+                    await self.ws.close(1013, "server not ready")
+                    return
             await self.on_open()
             async for frame in self.ws:
                 if self._closing:
@@ -140,11 +156,28 @@ class ProtocolHandler(abc.ABC):
             pass
         finally:
             CONNECTIONS.labels(endpoint=self.endpoint).dec()
-            if self.session is not None:
-                await self.session.close("client disconnected")
+            try:
+                await self.on_close()
+            finally:
+                await self.close_session("client disconnected")
+
+    def _event_ref(self, event: JSONObject, etype: str) -> str:
+        eid = event.get("event_id")
+        if not isinstance(eid, str) or not eid:
+            self._auto_ids += 1
+            eid = f"{AUTO_EVENT_PREFIX}{self._auto_ids}"
+        self._event_types[eid] = etype
+        if len(self._event_types) > _EVENT_TYPES_KEPT:
+            self._event_types.pop(next(iter(self._event_types)))
+        return eid
+
+    @staticmethod
+    def client_event_id(event_id: str) -> str | None:
+        """The id to show the client: its own, or None for an event it sent without one."""
+        return None if not event_id or event_id.startswith(AUTO_EVENT_PREFIX) else event_id
 
     async def _dispatch(self, frame: str | bytes) -> None:
-        event_id = ""
+        event_id, etype = "", "binary" if isinstance(frame, bytes) else ""
         try:
             if isinstance(frame, bytes):
                 await self.on_binary(frame)
@@ -153,21 +186,22 @@ class ProtocolHandler(abc.ABC):
                 # A multi-megabyte frame would stall every connection while it parses.
                 event = json.loads(frame) if len(frame) < 1 << 20 else await asyncio.to_thread(json.loads, frame)
             except json.JSONDecodeError as exc:
-                raise ClientError("invalid_json", f"could not parse JSON: {exc.msg} at position {exc.pos}") from exc
+                raise ClientError("invalid_json", f"invalid JSON: {exc.msg} at position {exc.pos}") from exc
             if not isinstance(event, dict):
                 raise ClientError("invalid_event", "each event must be a JSON object")
-            event_id = event.get("event_id") or ""
-            if not isinstance(event_id, str):
-                event_id = ""
+            if isinstance(event.get("event_id"), str):
+                event_id = event["event_id"]
             if not isinstance(event.get("type"), str):
-                raise ClientError("missing_required_parameter", "missing required parameter 'type'", param="type")
-            await self.on_text(event)
+                raise ClientError("missing_required_parameter", "Missing required parameter: 'type'.", param="type")
+            etype = event["type"]
+            event_id = self._event_ref(event, etype)
+            await self.on_text(event, event_id)
         except ClientError as exc:
-            await self.send_error(exc.code, str(exc), exc.type, exc.param, event_id)
+            await self.send_error(exc.code, str(exc), exc.type, exc.param, event_id, event_type=etype)
         except AudioFormatError as exc:
-            await self.send_error(exc.code, str(exc), "invalid_request_error", "audio", event_id)
+            await self.send_error(exc.code, str(exc), "invalid_request_error", "audio", event_id, event_type=etype)
         except SessionUnavailable as exc:
-            await self.send_error("session_unavailable", str(exc), "server_error", "", event_id)
+            await self.send_error("session_unavailable", str(exc), "server_error", "", event_id, event_type=etype)
         except Backpressure:
             # The bus queue toward the host is full: say so instead of buffering without bound.
             await self.send_error(
@@ -176,6 +210,7 @@ class ProtocolHandler(abc.ABC):
                 "server_error",
                 "",
                 event_id,
+                event_type=etype,
             )
         except ConnectionClosed:
             raise
@@ -186,18 +221,25 @@ class ProtocolHandler(abc.ABC):
                 "handler failed",
                 exc_info=True,
                 session_id=self.session.session_id if self.session else None,
+                event_type=etype,
             )
-            await self.send_error("server_error", f"internal error: {type(exc).__name__}", "server_error", "", event_id)
+            await self.send_error(
+                "server_error", f"internal error: {type(exc).__name__}", "server_error", "", event_id, event_type=etype
+            )
 
-    async def _on_bus_event(self, msg: Any) -> None:
+    async def _on_bus_event(self, msg: AdapterEvent) -> None:
         try:
             if isinstance(msg, ErrorEvent):
-                CLIENT_ERRORS.labels(code=msg.code).inc()
-            elif isinstance(msg, ResponseCreated):
-                self._active_response = msg.response.id
-            elif isinstance(msg, ResponseDone):
-                self._active_response = ""
-            await self.on_event(msg)
+                if not self.swallow_error(msg):
+                    await self.send_error(
+                        msg.code, msg.message, msg.type, msg.param, msg.event_id, msg.response_id, origin="host"
+                    )
+            else:
+                if isinstance(msg, ResponseCreated):
+                    self._active_response = msg.response.id
+                elif isinstance(msg, ResponseDone):
+                    self._active_response = ""
+                await self.on_event(msg)
             if isinstance(msg, SessionClosed) or (isinstance(msg, ErrorEvent) and msg.fatal):
                 self._closing = True
                 await self.ws.close(1011 if isinstance(msg, ErrorEvent) else 1000, msg_reason(msg))
@@ -205,19 +247,46 @@ class ProtocolHandler(abc.ABC):
             pass
 
     def busy(self) -> bool:
-        """A response is in flight (drain waits for it)."""
+        """A response is in flight (a graceful shutdown waits for it)."""
         return bool(self._active_response)
 
-    async def send_json(self, payload: dict[str, Any]) -> None:
-        payload.setdefault("event_id", new_event_id())
+    async def send_json(self, payload: JSONObject) -> None:
+        if self.stamp_event_ids:
+            payload.setdefault("event_id", new_event_id())
         await self.ws.send(json.dumps(payload, separators=(",", ":")))
 
     async def send_error(
-        self, code: str, message: str, type_: str = "invalid_request_error", param: str = "", event_id: str = ""
+        self,
+        code: str,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str = "",
+        event_id: str = "",
+        response_id: str = "",
+        event_type: str | None = None,
+        origin: str = "adapter",
     ) -> None:
+        """Send one error event to the client, count it, and log it once (structured)."""
+        if event_type is None:
+            event_type = self._event_types.get(event_id, "")
         CLIENT_ERRORS.labels(code=code).inc()
+        log(
+            _log,
+            logging.INFO,
+            "client error",
+            session_id=self.session.session_id if self.session else None,
+            response_id=response_id or None,
+            endpoint=self.endpoint,
+            code=code,
+            event_type=event_type or None,
+            param=param or None,
+            origin=origin,
+            error=message,
+        )
         with contextlib.suppress(ConnectionClosed):
-            await self.send_json(self.error_payload(code, message, type_, param, event_id))
+            await self.send_json(
+                self.error_payload(code, message, type_, param, self.client_event_id(event_id), response_id)
+            )
 
     # ------------------------------------------------------------------ audio in
     def set_input_format(self, fmt: AudioFormat) -> None:
@@ -243,7 +312,7 @@ class ProtocolHandler(abc.ABC):
         native = self._resampler.push(pcm)
         if native.size or force:
             self.session.audio(np.ascontiguousarray(native, dtype=np.float32), force=force)
-        return pcm.size
+        return int(pcm.size)
 
     def flush_audio(self) -> None:
         """Push the resampler's tail before a commit."""
@@ -253,7 +322,7 @@ class ProtocolHandler(abc.ABC):
                 self.session.audio(tail.astype(np.float32, copy=False))
 
 
-def shared_event(msg: Any) -> dict[str, Any] | None:
+def shared_event(msg: AdapterEvent) -> JSONObject | None:
     """Server events named and shaped alike in the Realtime and the native protocol
     (``input_audio_buffer.*``, ``conversation.item.truncated``); None for any other."""
     match msg:
@@ -294,14 +363,9 @@ def shared_event(msg: Any) -> dict[str, Any] | None:
     return None
 
 
-def msg_reason(msg: Any) -> str:
-    text = getattr(msg, "reason", "") or getattr(msg, "message", "")
+def msg_reason(msg: SessionClosed | ErrorEvent) -> str:
+    text = msg.reason if isinstance(msg, SessionClosed) else msg.message
     return text[:120]
 
 
-async def cancel_task(task: asyncio.Task[Any] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+HandlerFactory = Callable[[ServerConnection, Listener], ProtocolHandler]

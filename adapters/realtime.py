@@ -29,9 +29,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import numpy as np
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 
 from duplexd.adapters.audio import (
-    OUTPUT_RATE,
     AudioFormat,
     AudioFormatError,
     OutputResampler,
@@ -39,7 +40,7 @@ from duplexd.adapters.audio import (
     b64encode,
     encode,
 )
-from duplexd.adapters.protocol import ClientError, ProtocolHandler, shared_event
+from duplexd.adapters.protocol import JSONObject, Listener, ProtocolHandler, shared_event
 from duplexd.adapters.realtime_events import BETA_NAMES, GA_NAMES, render_response
 from duplexd.adapters.realtime_session import (
     apply_update,
@@ -48,9 +49,11 @@ from duplexd.adapters.realtime_session import (
     render_item,
     render_session,
     response_options,
-    want_int,
 )
+from duplexd.adapters.validation import ClientError, opt_str, req_int, req_obj, req_str, required, unknown
+from duplexd.bus.audio_format import OUTPUT_RATE
 from duplexd.bus.messages import (
+    AdapterEvent,
     AudioOut,
     ErrorEvent,
     InputTranscript,
@@ -90,7 +93,7 @@ _SLICE_BYTES = 96_000  # large appends enter the session in slices, yielding bet
 _INTERNAL = "duplexd_clear_"  # event-id prefix of the cancel output_audio_buffer.clear sends
 
 
-def is_beta(headers: Any) -> bool:
+def is_beta(headers: Headers) -> bool:
     """Whether the upgrade request asks for the beta dialect."""
     flags = headers.get("OpenAI-Beta", "").replace(" ", "").lower().split(",")
     if "realtime=v1" in flags:
@@ -123,7 +126,7 @@ class RealtimeHandler(ProtocolHandler):
 
     endpoint = "realtime"
 
-    def __init__(self, ws: Any, server: Any) -> None:
+    def __init__(self, ws: ServerConnection, server: Listener) -> None:
         super().__init__(ws, server)
         request = ws.request
         query = parse_qs(urlsplit(request.path).query) if request is not None else {}
@@ -148,7 +151,7 @@ class RealtimeHandler(ProtocolHandler):
         return render_session(sid, self.settings, self.config, self.beta)
 
     # ------------------------------------------------------------------ client → server
-    async def on_text(self, event: dict[str, Any]) -> None:
+    async def on_text(self, event: JSONObject, event_id: str) -> None:
         assert self.session is not None
         etype: str = event["type"]
         allowed = CLIENT_EVENTS.get(etype)
@@ -160,17 +163,14 @@ class RealtimeHandler(ProtocolHandler):
             )
         for key in event:
             if key not in allowed and key not in ("type", "event_id"):
-                raise ClientError("unknown_parameter", f"Unknown parameter: '{key}'.", param=key)
-        eid = event.get("event_id") or ""
+                raise unknown(key)
+        eid = event_id
         s = self.session
         match etype:
             case "session.update":
-                self._session_update(_required(event, "session"), eid)
+                self._session_update(required(event, "session"), eid)
             case "input_audio_buffer.append":
-                audio = _required(event, "audio")
-                if not isinstance(audio, str):
-                    raise ClientError("invalid_type", "'audio' must be a base64 string", param="audio")
-                await self._append(audio)
+                await self._append(req_str(event, "audio"))
             case "input_audio_buffer.commit":
                 self.flush_audio()
                 s.commit(eid)
@@ -178,33 +178,27 @@ class RealtimeHandler(ProtocolHandler):
                 self.set_input_format(self.input_format)  # drop the resampler's partial input too
                 s.clear(eid)
             case "conversation.item.create":
-                item = parse_item(_required(event, "item"), f"item_{uuid.uuid4().hex[:20]}")
-                prev = event.get("previous_item_id")
-                if prev is not None and not isinstance(prev, str):
-                    raise ClientError("invalid_type", "'previous_item_id' must be a string", param="previous_item_id")
-                s.item_create(item, prev, eid)
+                item = parse_item(req_obj(event, "item"), f"item_{uuid.uuid4().hex[:20]}")
+                s.item_create(item, opt_str(event, "previous_item_id"), eid)
             case "conversation.item.truncate":
                 s.truncate(
-                    _item_id(event),
-                    want_int(_required(event, "audio_end_ms"), "audio_end_ms", 0),
-                    want_int(_required(event, "content_index"), "content_index", 0),
+                    req_str(event, "item_id", nonempty=True),
+                    req_int(event, "audio_end_ms", lo=0),
+                    req_int(event, "content_index", lo=0),
                     eid,
                 )
             case "conversation.item.delete":
-                s.item_delete(_item_id(event), eid)
+                s.item_delete(req_str(event, "item_id", nonempty=True), eid)
             case "conversation.item.retrieve":
-                s.item_retrieve(_item_id(event), eid)
+                s.item_retrieve(req_str(event, "item_id", nonempty=True), eid)
             case "response.create":
                 s.create_response(response_options(event.get("response"), self.settings), eid)
             case "response.cancel":
-                rid = event.get("response_id") or ""
-                if not isinstance(rid, str):
-                    raise ClientError("invalid_type", "'response_id' must be a string", param="response_id")
-                s.cancel(rid, eid)
+                s.cancel(opt_str(event, "response_id") or "", eid)
             case "output_audio_buffer.clear":
                 await self._output_clear()
 
-    def _session_update(self, patch: Any, event_id: str) -> None:
+    def _session_update(self, patch: object, event_id: str) -> None:
         assert self.session is not None
         settings, config = apply_update(self.settings, self.config, patch)  # raises before changing anything
         if settings.input_format != self.input_format:
@@ -252,7 +246,13 @@ class RealtimeHandler(ProtocolHandler):
         await self.send_json({"type": "output_audio_buffer.cleared", "response_id": rid or self._last_response or None})
 
     # ------------------------------------------------------------------ server → client
-    async def on_event(self, msg: Any) -> None:
+    def swallow_error(self, msg: ErrorEvent) -> bool:
+        if msg.event_id in self._internal_ids:
+            del self._internal_ids[msg.event_id]  # output_audio_buffer.clear raced the response's end
+            return True
+        return False
+
+    async def on_event(self, msg: AdapterEvent) -> None:
         payload = shared_event(msg)
         if payload is not None:
             await self.send_json(payload)
@@ -288,11 +288,6 @@ class RealtimeHandler(ProtocolHandler):
                 await self.send_json({"type": "conversation.item.deleted", "item_id": msg.item_id})
             case ItemRetrieved():
                 await self.send_json({"type": "conversation.item.retrieved", "item": render_item(msg.item, self.beta)})
-            case ErrorEvent():
-                if msg.event_id in self._internal_ids:
-                    del self._internal_ids[msg.event_id]  # output_audio_buffer.clear raced the response's end
-                    return
-                await self.send_json(self.error_payload(msg.code, msg.message, msg.type, msg.param, msg.event_id))
             case _:
                 pass  # decisions, epoch advances, snapshots: native-protocol only
 
@@ -472,17 +467,3 @@ class RealtimeHandler(ProtocolHandler):
                     "item": rendered,
                 }
             )
-
-
-# ---------------------------------------------------------------------- field helpers
-def _required(event: dict[str, Any], key: str) -> Any:
-    if key not in event or event[key] is None:
-        raise ClientError("missing_required_parameter", f"Missing required parameter: '{key}'.", param=key)
-    return event[key]
-
-
-def _item_id(event: dict[str, Any]) -> str:
-    v = _required(event, "item_id")
-    if not isinstance(v, str) or not v:
-        raise ClientError("invalid_type", "'item_id' must be a non-empty string", param="item_id")
-    return v

@@ -24,8 +24,19 @@ from typing import Any
 
 import msgspec
 
-from duplexd.adapters.audio import G711_RATE, OUTPUT_RATE, SUPPORTED_RATES, AudioFormat
-from duplexd.adapters.protocol import ClientError
+from duplexd.adapters.audio import G711_RATE, SUPPORTED_RATES, AudioFormat
+from duplexd.adapters.validation import (
+    bad,
+    missing,
+    unknown,
+    unsupported,
+    want_bool,
+    want_int,
+    want_num,
+    want_obj,
+    want_str,
+)
+from duplexd.bus.audio_format import OUTPUT_RATE
 from duplexd.bus.messages import ContentPart, Item, ResponseOptions, SessionConfig, TurnMode, VadParams
 
 EAGERNESS_SILENCE_MS = {"low": 1600, "medium": 800, "auto": 800, "high": 400}
@@ -37,58 +48,25 @@ _FROM_GA_FORMAT = {v: k for k, v in _GA_FORMAT.items()}
 
 # Read-only fields a client may echo back from session.created: accepted, ignored.
 _READ_ONLY = frozenset({"id", "object", "expires_at", "client_secret"})
-_VAD_KEYS = frozenset(
-    {"type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response", "interrupt_response"}
+# Session fields where ``null`` means something (off, manual turns, unlimited); for every
+# other field ``null`` is "not set": the update leaves it as it is.
+_NULL_MEANS = frozenset(
+    {
+        "turn_detection",
+        "input_audio_transcription",
+        "input_audio_noise_reduction",
+        "max_output_tokens",
+        "max_response_output_tokens",
+        "tools",
+        "tracing",
+        "prompt",
+        "include",
+    }
 )
+_AUDIO_NULL_MEANS = frozenset({("input", "turn_detection"), ("input", "transcription"), ("input", "noise_reduction")})
 
 
-# ---------------------------------------------------------------------- validation helpers
-def bad(param: str, message: str, code: str = "invalid_value") -> ClientError:
-    return ClientError(code, message, param=param)
-
-
-def unknown(param: str) -> ClientError:
-    return ClientError("unknown_parameter", f"Unknown parameter: '{param}'.", param=param)
-
-
-def unsupported(param: str, why: str) -> ClientError:
-    return ClientError("unsupported_parameter", f"'{param}' is not supported by duplexd: {why}", param=param)
-
-
-def want_obj(value: Any, param: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise bad(param, f"'{param}' must be an object", "invalid_type")
-    return value
-
-
-def want_str(value: Any, param: str) -> str:
-    if not isinstance(value, str):
-        raise bad(param, f"'{param}' must be a string", "invalid_type")
-    return value
-
-
-def want_bool(value: Any, param: str) -> bool:
-    if not isinstance(value, bool):
-        raise bad(param, f"'{param}' must be true or false", "invalid_type")
-    return value
-
-
-def want_num(value: Any, param: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise bad(param, f"'{param}' must be a number", "invalid_type")
-    if not lo <= value <= hi:
-        raise bad(param, f"'{param}' must be between {lo} and {hi}; got {value}")
-    return float(value)
-
-
-def want_int(value: Any, param: str, lo: int, hi: int = 2**31 - 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad(param, f"'{param}' must be an integer", "invalid_type")
-    if not lo <= value <= hi:
-        raise bad(param, f"'{param}' must be between {lo} and {hi}; got {value}")
-    return value
-
-
+# ---------------------------------------------------------------------- Realtime value shapes
 def max_tokens(value: Any, param: str) -> int:
     """``int`` 1..4096 or ``"inf"`` (→ 0, unlimited)."""
     if value == "inf" or value is None:
@@ -168,17 +146,21 @@ class _Patch:
 
     settings: RealtimeSettings
     config: dict[str, Any]  # SessionConfig field → new value
+    keep_vad: bool = False  # VAD settings persist across turn kinds (the native session shows them)
 
     def vad(self, base: SessionConfig) -> VadParams:
-        return self.config.get("vad", base.vad)
+        vad: VadParams = self.config.get("vad", base.vad)
+        return vad
 
 
 def apply_update(
-    settings: RealtimeSettings, config: SessionConfig, session: Any
+    settings: RealtimeSettings, config: SessionConfig, session: Any, keep_vad: bool = False
 ) -> tuple[RealtimeSettings, SessionConfig]:
     """The new (settings, config) after ``session`` (either shape); raises
-    :class:`ClientError` and changes nothing when any field is invalid."""
-    patch = _Patch(copy.deepcopy(settings), {})
+    :class:`ClientError` and changes nothing when any field is invalid. By Realtime's rule a
+    switch to another turn detection kind starts from its defaults; ``keep_vad`` keeps the
+    session's VAD settings instead."""
+    patch = _Patch(copy.deepcopy(settings), {}, keep_vad)
     for key, value in want_obj(session, "session").items():
         _apply_field(patch, config, key, value)
     return patch.settings, msgspec.structs.replace(config, **patch.config)
@@ -187,6 +169,8 @@ def apply_update(
 def _apply_field(p: _Patch, config: SessionConfig, key: str, value: Any) -> None:
     param = f"session.{key}"
     st, cfg = p.settings, p.config
+    if value is None and key not in _NULL_MEANS:
+        return  # null: not set
     match key:
         case "type":
             if value == "transcription":
@@ -245,7 +229,8 @@ def _apply_field(p: _Patch, config: SessionConfig, key: str, value: Any) -> None
 
 def _voice(value: Any, param: str) -> str:
     if isinstance(value, dict) and isinstance(value.get("id"), str):
-        return value["id"]  # GA custom voice {"id": ...}
+        voice: str = value["id"]  # GA custom voice {"id": ...}
+        return voice
     return want_str(value, param)
 
 
@@ -255,8 +240,12 @@ def _apply_audio(p: _Patch, config: SessionConfig, audio: dict[str, Any]) -> Non
         param = f"session.audio.{side}"
         if side not in ("input", "output"):
             raise unknown(param)
+        if value is None:
+            continue
         for key, v in want_obj(value, param).items():
             kp = f"{param}.{key}"
+            if v is None and (side, key) not in _AUDIO_NULL_MEANS:
+                continue
             match side, key:
                 case "input", "format":
                     st.input_format = parse_format(v, kp)
@@ -282,12 +271,13 @@ def _apply_turn_detection(p: _Patch, config: SessionConfig, value: Any, param: s
         st.turn_type = "none"
         cfg["turn_mode"] = TurnMode.MANUAL
         return
-    td = want_obj(value, param)
+    # null inside means "not set", except idle_timeout_ms where null is off.
+    td = {k: v for k, v in want_obj(value, param).items() if v is not None or k == "idle_timeout_ms"}
     kind = td.get("type", st.turn_type if st.turn_type in ("server_vad", "semantic_vad") else None)
     if kind is None:
-        raise ClientError("missing_required_parameter", f"missing required parameter '{param}.type'", f"{param}.type")
+        raise missing(f"{param}.type")
     # A partial update of the same kind keeps the other fields; a new kind starts from defaults.
-    base = VadParams() if kind != st.turn_type else p.vad(config)
+    base = VadParams() if kind != st.turn_type and not p.keep_vad else p.vad(config)
     vad: dict[str, Any] = {f: getattr(base, f) for f in base.__struct_fields__}
     if kind == "server_vad":
         for key, v in td.items():
@@ -328,9 +318,18 @@ def _apply_turn_detection(p: _Patch, config: SessionConfig, value: Any, param: s
         vad["idle_timeout_ms"] = 0
         cfg["turn_mode"] = TurnMode.SERVER_VAD
     elif kind == "duplex":
-        for key in td:
-            if key != "type":
-                raise unknown(f"{param}.{key}")
+        # duplexd's extension: the model decides; its two knobs may ride along.
+        for key, v in td.items():
+            kp = f"{param}.{key}"
+            match key:
+                case "type":
+                    pass
+                case "force_listen_count":
+                    cfg["force_listen_count"] = want_int(v, kp, 0, 1000)
+                case "listen_prob_scale":
+                    cfg["listen_prob_scale"] = want_num(v, kp, 0.0, 100.0)
+                case _:
+                    raise unknown(kp)
         cfg["turn_mode"] = TurnMode.DUPLEX
     else:
         raise bad(f"{param}.type", f"turn_detection.type must be server_vad, semantic_vad or duplex; got {kind!r}")
@@ -426,6 +425,8 @@ def response_options(value: Any, settings: RealtimeSettings) -> ResponseOptions:
     out: dict[str, Any] = {}
     for key, v in r.items():
         param = f"response.{key}"
+        if v is None:
+            continue  # null: not set, the session's setting applies
         match key:
             case "instructions":
                 out["instructions"] = want_str(v, param)
@@ -445,8 +446,12 @@ def response_options(value: Any, settings: RealtimeSettings) -> ResponseOptions:
                 for side, sv in want_obj(v, param).items():
                     if side != "output":
                         raise unknown(f"{param}.{side}")
+                    if sv is None:
+                        continue
                     for k2, v2 in want_obj(sv, f"{param}.output").items():
                         kp = f"{param}.output.{k2}"
+                        if v2 is None:
+                            continue
                         if k2 == "voice":
                             out["voice"] = _voice(v2, kp)
                         elif k2 == "format":
@@ -501,21 +506,23 @@ _PART_TYPES = {
 }
 
 
-def parse_item(value: Any, new_id: str) -> Item:
-    """``conversation.item.create``'s ``item`` (GA or beta) → a bus :class:`Item`."""
-    obj = want_obj(value, "item")
+_ITEM_KEYS = frozenset({"id", "type", "object", "status", "role", "content"})
+
+
+def parse_item(value: Any, new_id: str, extra_keys: frozenset[str] = frozenset()) -> Item:
+    """``conversation.item.create``'s ``item`` (GA or beta) → a bus :class:`Item`.
+    ``extra_keys``: read-only fields a protocol renders on items (ignored when echoed back)."""
+    obj = {k: v for k, v in want_obj(value, "item").items() if v is not None}  # null: not set
     kind = obj.get("type", "message")
     if kind != "message":
         raise unsupported("item.type", f"items of type {kind!r}; only 'message' items are kept")
     role = obj.get("role")
+    if role is None:
+        raise missing("item.role")
     if role not in ("user", "assistant", "system"):
-        raise ClientError(
-            "missing_required_parameter" if role is None else "invalid_value",
-            "item.role must be 'user', 'assistant' or 'system'",
-            param="item.role",
-        )
+        raise bad("item.role", "item.role must be 'user', 'assistant' or 'system'")
     for key in obj:
-        if key not in ("id", "type", "object", "status", "role", "content"):
+        if key not in _ITEM_KEYS and key not in extra_keys:
             raise unknown(f"item.{key}")
     item_id = obj.get("id") or new_id
     if not isinstance(item_id, str) or len(item_id) > 64:
@@ -527,7 +534,8 @@ def parse_item(value: Any, new_id: str) -> Item:
     for i, raw in enumerate(content):
         pp = f"item.content[{i}]"
         part = want_obj(raw, pp)
-        stored = _PART_TYPES.get((role, part.get("type")))
+        ptype = part.get("type")
+        stored = _PART_TYPES.get((role, ptype)) if isinstance(ptype, str) else None
         if stored is None:
             raise bad(f"{pp}.type", f"content type {part.get('type')!r} is not valid for a {role} message")
         if part.get("audio"):

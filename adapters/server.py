@@ -1,11 +1,17 @@
-"""The adapter process: websocket endpoints plus health, metrics and the browser demo.
+"""The adapter process's listeners: websocket routes plus plain HTTP answers.
 
-Routes (one port):
+:class:`WebsocketServer` is what every listener shares: routes to protocol handlers, the
+API-key check, the upgrade check, refusing new connections during a graceful shutdown
+(SIGTERM drain), and closing connections with 1001 at its end. :class:`AdapterServer` is
+the main port:
+
   ws   /v1/realtime   OpenAI Realtime protocol (GA; beta with ``OpenAI-Beta: realtime=v1``)
   ws   /v1/duplex     native duplex protocol
   GET  /health        JSON, 200 only when all four roles are ready
   GET  /metrics       Prometheus exposition of every role
   GET  /              static browser demo
+
+The MiniCPM-o demo bridge (:mod:`duplexd.adapters.bridge`) is a second one on its own port.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import hmac
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -28,14 +34,18 @@ from websockets.http11 import Request, Response
 
 from duplexd.adapters.http import WEB_DIR, json_response, metrics_response, static_response
 from duplexd.adapters.link import HostLink
-from duplexd.adapters.protocol import ProtocolHandler
+from duplexd.adapters.native import NativeHandler
+from duplexd.adapters.protocol import HandlerFactory, ProtocolHandler
+from duplexd.adapters.realtime import RealtimeHandler
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import PROTOCOL_VERSION, Role, SessionConfig
 from duplexd.bus.metrics import RemoteCollector, snapshot, tag
 
 _log = get_logger(__name__)
 
-HandlerFactory = Callable[[ServerConnection, "AdapterServer"], ProtocolHandler]
+_UNAUTHORIZED = {
+    "error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "invalid or missing API key"}
+}
 
 
 class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,39 +125,114 @@ async def serve_ws(
     )
 
 
-class AdapterServer:
-    """Serves the websocket protocols over a :class:`HostLink`."""
+class WebsocketServer:
+    """One listening port: websocket routes to protocol handlers, plain HTTP beside them."""
 
-    def __init__(self, settings: ServerSettings, link: HostLink, default_session: SessionConfig) -> None:
+    name = "adapter"
+
+    def __init__(
+        self, settings: ServerSettings, link: HostLink, default_session: SessionConfig, host: str, port: int
+    ) -> None:
         self.settings = settings
         self.link = link
         self.default_session = default_session
+        self.host = host
+        self.port = port
         self.max_audio_bytes = settings.max_audio_bytes
         self.api_keys = load_api_keys(settings)
-        self.web_dir = Path(settings.web_dir) if settings.web_dir else WEB_DIR
         self.routes: dict[str, HandlerFactory] = {}
-        self.remote_metrics = RemoteCollector()
-        self._metrics_registry = CollectorRegistry(auto_describe=False)
-        self._metrics_registry.register(self.remote_metrics)
-        self.draining = False
+        self.draining = False  # SIGTERM drain: no new connections
+        self.bound_port = 0
         self._server: Server | None = None
-        self._handlers: set[ProtocolHandler] = set()
-        self._default_routes()
-
-    def _default_routes(self) -> None:
-        from duplexd.adapters.native import NativeHandler
-
-        self.routes["/v1/duplex"] = NativeHandler
-        try:
-            from duplexd.adapters.realtime import RealtimeHandler
-        except ImportError:  # pragma: no cover - realtime adapter not installed
-            return
-        self.routes["/v1/realtime"] = RealtimeHandler
+        self.handlers: set[ProtocolHandler] = set()
 
     # ------------------------------------------------------------------ HTTP
     def authorized(self, request: Request) -> bool:
         return request_authorized(request, self.api_keys)
 
+    def http(self, path: str, request: Request) -> Response | None:
+        """A plain HTTP answer for ``path`` (not a websocket route), or None for 404."""
+        return None
+
+    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path.rstrip("/") or "/"
+        if path in self.routes:
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                return json_response(426, {"error": f"{path} is a websocket endpoint"})
+            if not self.authorized(request):
+                return json_response(401, _UNAUTHORIZED)
+            if self.draining:
+                return json_response(503, {"error": "server is shutting down"})
+            return None
+        answer = self.http(path, request)
+        return answer if answer is not None else json_response(404, {"error": f"no route {path}"})
+
+    def select_subprotocol(self, conn: ServerConnection, offered: Sequence[str]) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ websocket
+    def route(self, conn: ServerConnection) -> HandlerFactory | None:
+        assert conn.request is not None
+        return self.routes.get(urlsplit(conn.request.path).path.rstrip("/"))
+
+    async def serve_handler(self, handler: ProtocolHandler) -> None:
+        """Run one connection's handler (a listener may admit connections first)."""
+        await handler.run()
+
+    async def handle(self, conn: ServerConnection) -> None:
+        factory = self.route(conn)
+        if factory is None:  # pragma: no cover - process_request filtered it
+            await conn.close(1008, "no such endpoint")
+            return
+        handler = factory(conn, self)
+        self.handlers.add(handler)
+        try:
+            await self.serve_handler(handler)
+        finally:
+            self.handlers.discard(handler)
+
+    async def start(self) -> None:
+        self._server = await serve_ws(
+            self.handle,
+            self.host,
+            self.port,
+            self.settings,
+            self.process_request,
+            select_subprotocol=self.select_subprotocol,
+        )
+        self.bound_port = next(iter(self._server.sockets)).getsockname()[1]
+        log(_log, logging.INFO, f"{self.name} listening", host=self.host, port=self.bound_port)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """SIGTERM drain: stop taking connections; let active responses end (at most
+        ``timeout_s``); then close every connection with 1001 and stop listening."""
+        self.draining = True
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(h.busy() for h in self.handlers) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # responses end through the bus; poll the handlers' state
+        for h in list(self.handlers):
+            with contextlib.suppress(Exception):
+                await h.ws.close(1001, "server shutting down")
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class AdapterServer(WebsocketServer):
+    """The main port: Realtime and native websockets, health, metrics, browser demo."""
+
+    def __init__(self, settings: ServerSettings, link: HostLink, default_session: SessionConfig) -> None:
+        super().__init__(settings, link, default_session, settings.host, settings.port)
+        self.web_dir = Path(settings.web_dir) if settings.web_dir else WEB_DIR
+        self.remote_metrics = RemoteCollector()
+        self._metrics_registry = CollectorRegistry(auto_describe=False)
+        self._metrics_registry.register(self.remote_metrics)
+        self.routes["/v1/duplex"] = NativeHandler
+        self.routes["/v1/realtime"] = RealtimeHandler
+
+    # ------------------------------------------------------------------ HTTP
     def health(self) -> tuple[int, dict[str, Any]]:
         from duplexd.adapters.native import full as full_builtins
 
@@ -181,8 +266,7 @@ class AdapterServer:
         }
         return (200 if ok else 503), body
 
-    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path.rstrip("/") or "/"
+    def http(self, path: str, request: Request) -> Response | None:
         if path == "/health":
             code, body = self.health()
             return json_response(code, body)
@@ -193,71 +277,8 @@ class AdapterServer:
             remote = self.link.status.metrics if self.link.status is not None else ()
             self.remote_metrics.update((*own, *remote))
             return metrics_response(self._metrics_registry)
-        if path in self.routes:
-            if request.headers.get("Upgrade", "").lower() != "websocket":
-                return json_response(426, {"error": f"{path} is a websocket endpoint"})
-            if not self.authorized(request):
-                return json_response(
-                    401,
-                    {
-                        "error": {
-                            "type": "invalid_request_error",
-                            "code": "invalid_api_key",
-                            "message": "invalid or missing API key",
-                        }
-                    },
-                )
-            if self.draining:
-                return json_response(503, {"error": "server is shutting down"})
-            return None
-        static = static_response(request.path, self.web_dir)
-        if static is not None:
-            return static
-        return json_response(404, {"error": f"no route {path}"})
+        return static_response(request.path, self.web_dir)
 
-    @staticmethod
-    def select_subprotocol(conn: ServerConnection, offered: Any) -> Any:
+    def select_subprotocol(self, conn: ServerConnection, offered: Sequence[str]) -> str | None:
         # Browsers offering "realtime" (plus the key/beta markers) need one echoed back.
-        for p in offered:
-            if p == "realtime":
-                return p
-        return None
-
-    # ------------------------------------------------------------------ websocket
-    async def handle(self, conn: ServerConnection) -> None:
-        assert conn.request is not None
-        path = urlsplit(conn.request.path).path.rstrip("/")
-        factory = self.routes.get(path)
-        if factory is None:  # pragma: no cover - process_request filtered it
-            await conn.close(1008, "no such endpoint")
-            return
-        handler = factory(conn, self)
-        self._handlers.add(handler)
-        try:
-            await handler.run()
-        finally:
-            self._handlers.discard(handler)
-
-    async def start(self) -> None:
-        s = self.settings
-        self._server = await serve_ws(
-            self.handle, s.host, s.port, s, self.process_request, select_subprotocol=self.select_subprotocol
-        )
-        self.bound_port = next(iter(self._server.sockets)).getsockname()[1]
-        log(_log, logging.INFO, "adapter listening", host=s.host, port=self.bound_port)
-
-    async def drain(self, timeout_s: float | None = None) -> None:
-        """Stop taking connections; let active responses end; then close with 1001."""
-        self.draining = True
-        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while self._handlers and asyncio.get_running_loop().time() < deadline:
-            if not any(h.busy() for h in self._handlers):
-                break
-            await asyncio.sleep(0.05)
-        for h in list(self._handlers):
-            with contextlib.suppress(Exception):
-                await h.ws.close(1001, "server shutting down")
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        return "realtime" if "realtime" in offered else None

@@ -84,14 +84,15 @@ class Decoder:
         self._meta: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # packed header → parsed
         self._dec = msgspec.msgpack.Decoder(plane_type, ext_hook=self._ext_hook, dec_hook=self._dec_hook)
 
-    def decode(self, frames: Sequence[Any]) -> Any:
+    def decode(self, frames: Sequence[Any]) -> Message:
         """Decode ``frames`` (bytes, memoryviews or zmq.Frame objects)."""
         if not frames:
             raise CodecError("empty message")
         views = frames if len(frames) == 1 and isinstance(frames[0], bytes) else [_view(f) for f in frames]
         self._frames = views
         try:
-            return self._dec.decode(views[0])
+            msg: Message = self._dec.decode(views[0])
+            return msg
         except CodecError:
             raise
         except (msgspec.DecodeError, ValueError, TypeError, IndexError) as exc:
@@ -132,7 +133,7 @@ class Decoder:
 
 def _view(frame: Any) -> memoryview:
     buf = getattr(frame, "buffer", None)  # zmq.Frame: zero-copy view of the message
-    if buf is not None:
+    if isinstance(buf, memoryview):
         return buf
     return memoryview(frame)
 

@@ -98,13 +98,13 @@ class BackendStatus(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class EngineInfo(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What the engine needs from the adapter (native input and output format) and what
-    users should know about it (``notice``, its ``backends``)."""
+    """What the engine needs from the adapter (its native input format) and what users
+    should know about it (``notice``, its ``backends``). Output needs no field: it always
+    reaches the adapter in the bus format, bus/audio_format.py."""
 
     name: str
     input_rate: int = 16000
     chunk_samples: int = 1600
-    output_rate: int = 24000
     notice: str = ""  # how it behaves, shown to users (e.g. "echo mode: I repeat what you say")
     backends: tuple[BackendStatus, ...] = ()
 
@@ -350,8 +350,8 @@ class StageError(_Wire, frozen=True, tag="stage_error"):
     chunk_seq: int = -1  # stage0: the chunk this error answers
 
 
-class Drain(_Wire, frozen=True, tag="drain"):
-    """Supervisor/host → everyone: stop taking new sessions."""
+class NoNewSessions(_Wire, frozen=True, tag="no_new_sessions"):
+    """Host → every peer: the server is draining (SIGTERM): no new sessions from now on."""
 
     reason: str = ""
 
@@ -617,6 +617,21 @@ class Decision(_Wire, frozen=True, tag="decision"):
     cost_ms: float = 0.0
 
 
+class ChunksAnswered(_Wire, frozen=True, tag="chunks_answered"):
+    """Host → adapter: every stage0 chunk of the session up to ``through_seq`` has had its
+    one answer (stage0 answers in order).
+
+    A :class:`Decision` answers its own chunk; this event covers the answers no Decision
+    shows: a result of an epoch a barge-in ended, a stage error, chunks lost with a dead
+    stage0. An adapter that paces its output by its input (the demo bridge) learns how
+    far stage0 got from the two, without asking.
+    """
+
+    session_id: str
+    epoch: int
+    through_seq: int
+
+
 class ResponseCreated(_Wire, frozen=True, tag="response_created"):
     session_id: str
     epoch: int
@@ -710,7 +725,7 @@ ControlMessage = (
     | StageOpen
     | StageClose
     | StageError
-    | Drain
+    | NoNewSessions
 )
 
 # Commands from the adapter that travel in order with the audio on the data plane.
@@ -745,6 +760,7 @@ SessionEvent = (
     | ItemDone
     | InputTranscript
     | Decision
+    | ChunksAnswered
     | ResponseCreated
     | AudioOut
     | TextOut
@@ -757,6 +773,10 @@ SessionEvent = (
     | ErrorEvent
 )
 
+# What a protocol handler receives from its session link: the session events, in order, plus
+# the epoch advances the link takes off the control plane (flush playback now).
+AdapterEvent = SessionEvent | EpochAdvance
+
 # Hello travels on the data plane too: the host learns the peer's data route from it.
 DataMessage = Hello | ClientCommand | StageData | SessionEvent
 
@@ -764,8 +784,8 @@ Message = ControlMessage | DataMessage
 
 Plane = Literal["control", "data"]
 
-CONTROL_TYPES: tuple[type, ...] = ControlMessage.__args__  # type: ignore[attr-defined]
-DATA_TYPES: tuple[type, ...] = DataMessage.__args__  # type: ignore[attr-defined]
+CONTROL_TYPES: tuple[type, ...] = ControlMessage.__args__
+DATA_TYPES: tuple[type, ...] = DataMessage.__args__
 
 def pcm_ms(samples: int, rate: int) -> int:
     """Duration in whole milliseconds of ``samples`` at ``rate``."""

@@ -2,7 +2,8 @@
 
 The session host binds one ROUTER per plane; every other process (adapter, stage0,
 stage1) connects one DEALER per plane with a fixed identity and says ``Hello`` on both
-(so the host can route to it on both), then waits for ``Ready`` on control.
+(so the host can route to it on both), then waits for ``Ready`` on control. The rules
+of the handshake and of heartbeats are :mod:`duplexd.bus.liveness`; this module does the IO.
 
 Sends never block: a full data queue raises :class:`Backpressure`, which callers turn
 into a clear overload error instead of unbounded memory.
@@ -14,44 +15,38 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 import zmq
 
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.codec import CodecError, Encoder, control_decoder, data_decoder
-from duplexd.bus.messages import (
-    PROTOCOL_VERSION,
-    Hello,
-    Message,
-    Plane,
-    Ready,
-    Refused,
-)
+from duplexd.bus.liveness import Handshake, HandshakeError
+from duplexd.bus.messages import ControlMessage, DataMessage, Hello, Message, Plane, Ready
 
-CONTROL: Plane = "control"
-DATA: Plane = "data"
+CONTROL: Final = "control"
+DATA: Final = "data"
 CONTROL_HWM = 10_000
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
+Socket = zmq.Socket[bytes]
 
 
 class Backpressure(Exception):
     """A data queue toward a peer is full, or the peer is not connected."""
 
 
-class HandshakeError(Exception):
-    """The host did not answer Hello in time, or refused us."""
+_M = TypeVar("_M", ControlMessage, DataMessage)
 
 
 @dataclass(slots=True)
-class Received:
+class Received(Generic[_M]):
     """One message off a socket: who sent it (ROUTER side), what, and its raw frames."""
 
     plane: Plane
     identity: bytes
-    msg: Any
+    msg: _M
     frames: list[Any] = field(repr=False)
 
 
@@ -70,7 +65,7 @@ class BusErrorCounter:
 class Channel:
     """Control + data sockets with the codec; a synchronous, never-blocking API."""
 
-    def __init__(self, ctx: zmq.Context, ctl: zmq.Socket, data: zmq.Socket, routed: bool) -> None:
+    def __init__(self, ctx: zmq.Context[Socket], ctl: Socket, data: Socket, routed: bool) -> None:
         self.ctx = ctx
         self.ctl = ctl
         self.data = data
@@ -111,7 +106,11 @@ class Channel:
             raise
 
     # ------------------------------------------------------------------ receive
-    def recv_nowait(self, plane: Plane) -> Received | None:
+    @overload
+    def recv_nowait(self, plane: Literal["control"]) -> Received[ControlMessage] | None: ...
+    @overload
+    def recv_nowait(self, plane: Literal["data"]) -> Received[DataMessage] | None: ...
+    def recv_nowait(self, plane: Plane) -> Received[Any] | None:
         """One decoded message, or None when the socket has nothing. Undecodable
         messages are counted and skipped: a bad frame never stops the loop."""
         sock = self.ctl if plane == CONTROL else self.data
@@ -135,9 +134,14 @@ class Channel:
                 continue
             return Received(plane, identity, msg, parts)
 
-    def drain(self, plane: Plane, limit: int = 1 << 30) -> Iterator[Received]:
+    @overload
+    def recv_batch(self, plane: Literal["control"], limit: int = ...) -> Iterator[Received[ControlMessage]]: ...
+    @overload
+    def recv_batch(self, plane: Literal["data"], limit: int = ...) -> Iterator[Received[DataMessage]]: ...
+    def recv_batch(self, plane: Plane, limit: int = 1 << 30) -> Iterator[Received[Any]]:
+        """Up to ``limit`` messages already queued on ``plane`` (never waits)."""
         for _ in range(limit):
-            r = self.recv_nowait(plane)
+            r: Received[Any] | None = self.recv_nowait(plane)
             if r is None:
                 return
             yield r
@@ -145,8 +149,8 @@ class Channel:
     def readable(self) -> tuple[bool, bool]:
         """(control readable, data readable), reading EVENTS (this also re-arms the FD)."""
         return (
-            bool(self.ctl.get(zmq.EVENTS) & zmq.POLLIN),
-            bool(self.data.get(zmq.EVENTS) & zmq.POLLIN),
+            bool(int(self.ctl.get(zmq.EVENTS)) & zmq.POLLIN),
+            bool(int(self.data.get(zmq.EVENTS)) & zmq.POLLIN),
         )
 
     def poll(self, timeout_ms: int) -> tuple[bool, bool]:
@@ -160,15 +164,15 @@ class Channel:
                 s.close(linger=linger_ms)
 
 
-def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
-    s = ctx.socket(kind)
+def _socket(ctx: zmq.Context[Socket], kind: int, hwm: int) -> Socket:
+    s: Socket = ctx.socket(kind)
     s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.RCVHWM, hwm)
     s.setsockopt(zmq.LINGER, 0)
     return s
 
 
-def bind_host(addrs: BusAddresses, ctx: zmq.Context | None = None) -> Channel:
+def bind_host(addrs: BusAddresses, ctx: zmq.Context[Socket] | None = None) -> Channel:
     """The session host's side: ROUTER per plane, strict routing (unknown peer → error)."""
     ctx = ctx or zmq.Context.instance()
     addrs.prepare()
@@ -183,7 +187,7 @@ def bind_host(addrs: BusAddresses, ctx: zmq.Context | None = None) -> Channel:
     return Channel(ctx, ctl, data, routed=True)
 
 
-def connect_peer(addrs: BusAddresses, identity: str, ctx: zmq.Context | None = None) -> Channel:
+def connect_peer(addrs: BusAddresses, identity: str, ctx: zmq.Context[Socket] | None = None) -> Channel:
     """A worker's or adapter's side: DEALER per plane with a fixed identity."""
     ctx = ctx or zmq.Context.instance()
     ctl = _socket(ctx, zmq.DEALER, CONTROL_HWM)
@@ -200,34 +204,23 @@ def say_hello(chan: Channel, hello: Hello) -> None:
     chan.send(DATA, hello)
 
 
-def check_ready(msg: Any) -> Ready | None:
-    if isinstance(msg, Refused):
-        raise HandshakeError(
-            f"host refused: {msg.reason} (host protocol {msg.protocol_version}, ours {PROTOCOL_VERSION})"
-        )
-    if isinstance(msg, Ready):
-        if msg.protocol_version != PROTOCOL_VERSION:
-            raise HandshakeError(f"host speaks protocol {msg.protocol_version}, we speak {PROTOCOL_VERSION}")
-        return msg
-    return None
-
-
-def handshake(chan: Channel, hello: Hello, timeout_s: float, retry_s: float = 1.0) -> Ready:
-    """Blocking HELLO → READY for stage workers. Other control messages before Ready are
-    dropped (the host only talks to us after Ready)."""
-    deadline = time.monotonic() + timeout_s
-    next_hello = 0.0
+def handshake(
+    chan: Channel, hello: Hello, timeout_s: float, retry_s: float = 1.0, stopped: Callable[[], bool] | None = None
+) -> Ready:
+    """Blocking HELLO → READY for stage workers (the rules: :class:`Handshake`). Other
+    control messages before Ready are dropped (the host only talks to us after Ready).
+    ``stopped``: give up at once when it turns true (a shutdown while the host is away)."""
+    hs = Handshake(time.monotonic(), timeout_s, retry_s)
     while True:
+        if stopped is not None and stopped():
+            raise HandshakeError("stopped while waiting for the session host")
         now = time.monotonic()
-        if now >= deadline:
-            raise HandshakeError(f"no Ready from the session host within {timeout_s:.1f}s")
-        if now >= next_hello:
+        if hs.hello_due(now):
             say_hello(chan, hello)
-            next_hello = now + retry_s
-        ctl_ready, _ = chan.poll(int(min(deadline, next_hello) * 1000 - now * 1000) + 1)
+        ctl_ready, _ = chan.poll(int(min(hs.wait_s(now), 0.25) * 1000) + 1)
         if ctl_ready:
-            for r in chan.drain(CONTROL):
-                ready = check_ready(r.msg)
+            for r in chan.recv_batch(CONTROL):
+                ready = hs.on_control(r.msg)
                 if ready is not None:
                     return ready
 
@@ -241,7 +234,7 @@ class AsyncWaiter:
         self._chan = chan
         self._loop = loop or asyncio.get_running_loop()
         self._event = asyncio.Event()
-        self._fds = (chan.ctl.get(zmq.FD), chan.data.get(zmq.FD))
+        self._fds = (int(chan.ctl.get(zmq.FD)), int(chan.data.get(zmq.FD)))
         for fd in self._fds:
             self._loop.add_reader(fd, self._event.set)
 
@@ -274,22 +267,19 @@ class AsyncWaiter:
 async def handshake_async(
     chan: Channel, waiter: AsyncWaiter, hello: Hello, timeout_s: float, retry_s: float = 1.0
 ) -> Ready:
-    """HELLO → READY for the asyncio side (adapter)."""
-    deadline = time.monotonic() + timeout_s
+    """HELLO → READY for the asyncio side (adapter); the rules: :class:`Handshake`."""
+    hs = Handshake(time.monotonic(), timeout_s, retry_s)
     while True:
         now = time.monotonic()
-        if now >= deadline:
-            raise HandshakeError(f"no Ready from the session host within {timeout_s:.1f}s")
-        say_hello(chan, hello)
-        waiter.wake()
-        until = min(deadline, now + retry_s)
-        while time.monotonic() < until:
-            ctl_ready, _ = await waiter.wait(until - time.monotonic())
-            if ctl_ready:
-                for r in chan.drain(CONTROL):
-                    ready = check_ready(r.msg)
-                    if ready is not None:
-                        return ready
+        if hs.hello_due(now):
+            say_hello(chan, hello)
+            waiter.wake()
+        ctl_ready, _ = await waiter.wait(hs.wait_s(now))
+        if ctl_ready:
+            for r in chan.recv_batch(CONTROL):
+                ready = hs.on_control(r.msg)
+                if ready is not None:
+                    return ready
 
 
 def peer_identity(role: str, suffix: str | None = None) -> str:

@@ -50,7 +50,7 @@ def run_host(cfg: Config) -> int:
         def on_signal() -> None:
             if not host.draining:
                 sdnotify.stopping()
-                t = loop.create_task(host.drain_and_stop(cfg.server.drain_timeout_s))
+                t = loop.create_task(host.drain(cfg.server.drain_timeout_s))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
 
@@ -159,9 +159,8 @@ def run_adapter(cfg: Config) -> int:
         await stop.wait()
         sdnotify.stopping()
         log(_log, logging.INFO, "adapter draining")
-        if bridge is not None:
-            await bridge.drain()
-        await server.drain()
+        # SIGTERM drain: both listeners refuse new connections and let responses end, together.
+        await asyncio.gather(server.drain(), *([bridge.drain()] if bridge is not None else []))
         await link.stop()
 
     uvloop.run(main())

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
+from duplexd.bus.audio_format import OUTPUT_RATE
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, HistoryEntry, SessionConfig
 
 
@@ -67,14 +68,6 @@ class TalkerChunk:
     end_of_turn: bool = False
 
 
-@dataclass(slots=True)
-class EngineStats:
-    steps: int = 0
-    items: int = 0
-    busy_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
 class EngineError(Exception):
     """An engine failure for one session (``session_id``) or for the whole step."""
 
@@ -118,9 +111,10 @@ class Thinker(abc.ABC):
 
 
 class Talker(abc.ABC):
-    """Stage1: turns handoffs into assistant audio chunks at ``output_rate``."""
+    """Stage1: turns handoffs into assistant audio chunks at ``output_rate``, the talker's
+    native rate (stage1 resamples it to the bus output format)."""
 
-    output_rate: int = 24000
+    output_rate: int = OUTPUT_RATE
 
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load weights (from a local path); called once before warm_up."""

@@ -26,6 +26,7 @@ from duplexd.actors.engines.base import (
     ThinkerOutput,
     TurnTalker,
 )
+from duplexd.bus.audio_format import OUTPUT_RATE
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, SessionConfig
 
 MARKER = 0x5A5A
@@ -175,7 +176,7 @@ class ScriptedTalker(TurnTalker[_TalkTurn]):
     def __init__(self, opts: ScriptedOptions) -> None:
         super().__init__()
         self.opts = opts
-        self.output_rate = 24000
+        self.output_rate = OUTPUT_RATE  # no resampling in stage1
 
     def feed(self, session_id: str, unit: TalkerInput) -> None:
         turn = self._turn_for(session_id, unit, lambda: _TalkTurn(unit.turn_key, response_tag(unit.turn_key)))

@@ -119,6 +119,15 @@ class DemoClient:
                 self._new.clear()
                 await self._new.wait()
 
+    async def wait_results(self, n: int, within_s: float = 10.0) -> None:
+        """Until ``n`` results have arrived in all."""
+        async with asyncio.timeout(within_s):
+            while True:
+                self._new.clear()  # before the check: a result arriving after it sets it again
+                if len(self.results) >= n or self.closed.is_set():
+                    return
+                await self._new.wait()
+
     async def send(self, msg: dict[str, Any] | str) -> None:
         await self.ws.send(msg if isinstance(msg, str) else json.dumps(msg))
 
@@ -144,10 +153,7 @@ class DemoClient:
         for i, pcm in enumerate(chunks):
             await asyncio.sleep(max(0.0, start + i - time.monotonic()))
             await self.chunk(pcm, **({"force_listen": True} if i in forced else {}))
-        async with asyncio.timeout(10):
-            while len(self.results) < first + len(chunks):
-                self._new.clear()
-                await self._new.wait()
+        await self.wait_results(first + len(chunks))
         return self.results[first:]
 
     async def close(self) -> None:
@@ -224,8 +230,11 @@ async def test_gateway_session_one_paced_result_per_chunk(bridge_server: BridgeS
     # silence (forced listen), 1 s of speech, then silence: the model answers 2.4 s of audio.
     chunks = [QUIET, SPEECH, QUIET, QUIET, QUIET, QUIET, QUIET]
     results = await c.play(chunks)
-    await asyncio.sleep(0.6)
-    assert len(c.results) == len(chunks)  # exactly one result per chunk, nothing extra
+    # Exactly one result per chunk, nothing extra: results leave in order, so once the next
+    # chunk's result is here, any extra one for these chunks would have come before it.
+    await c.chunk(QUIET)
+    await c.wait_results(len(chunks) + 1)
+    assert [r.msg["current_time"] for r in c.results] == list(range(len(chunks) + 1))
     for r in results:
         assert_result_shape(r)
     assert [r.msg["current_time"] for r in results] == list(range(len(chunks)))
@@ -269,7 +278,7 @@ async def test_barge_in_force_listen_and_controls(bridge_server: BridgeServer, d
     bad: list[tuple[Any, str]] = [
         ("{not json", "invalid JSON"),
         ({"type": "warp_drive"}, "Unknown message type"),
-        ({"type": "audio_chunk"}, "Missing audio_base64"),
+        ({"type": "audio_chunk"}, "audio_base64"),
         ({"type": "audio_chunk", "audio_base64": "%%%"}, "base64"),
         ({"type": "audio_chunk", "audio_base64": base64.b64encode(b"\x00\x00\x80").decode()}, "4-byte"),
         ({"type": "prepare", "config": {"sample_rate": 12345}}, "sample_rate"),
@@ -346,3 +355,18 @@ async def test_reprepare_restarts_and_pause_timeout_releases_the_worker(
     assert c.ws.close_code == 1000
     await c.close()
     assert (await released(bridge_server))["worker_status"] == "idle"
+
+
+async def test_a_barge_in_is_answered_without_more_input(demo: Connect) -> None:
+    """Stage0's answers for the chunks a barge-in cut short are never shown as decisions;
+    the host's ChunksAnswered tells the bridge they are in, so the barge-in chunk's result
+    leaves at once instead of waiting for the next chunk's decisions (or a timeout)."""
+    c = await demo("gw_sess_5")
+    await c.prepare(force_listen_count=1)
+    results = await c.play([QUIET, SPEECH, QUIET])
+    assert [r.msg["is_listen"] for r in results] == [True, True, False]  # the model is speaking
+    await c.chunk(SPEECH)  # the user talks over it; no further input follows
+    await c.wait_results(4, within_s=3.0)  # well inside the bridge's 5 s give-up timeout
+    cut = c.results[3].msg
+    assert cut["current_time"] == 3 and cut["is_listen"] is True and cut["end_of_turn"] is True
+    await c.close()

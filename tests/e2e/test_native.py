@@ -102,13 +102,13 @@ async def test_every_turn_mode_and_overlap_knob_is_settable(native_server: Serve
 
     # Bad settings are rejected as a whole: an error event, nothing changed, session alive.
     for bad, param in [
-        ({"overlap": {"short_ack_ms": "long"}}, "session"),
-        ({"overlap": {"no_such_knob": 1}}, "session"),
-        ({"turn_detection": {"type": "semantic_vad"}}, "turn_detection.type"),
-        ({"turn_detection": {"type": "server_vad", "bogus": 1}}, "turn_detection.bogus"),
-        ({"turn_mode": "full_auto", "commit_policy": "ack_only"}, "session"),
-        ({"input_audio_format": {"encoding": "mp3"}}, "input_audio_format.encoding"),
-        ({"audio_transport": "carrier_pigeon"}, "audio_transport"),
+        ({"overlap": {"short_ack_ms": "long"}}, "session.overlap.short_ack_ms"),
+        ({"overlap": {"no_such_knob": 1}}, "session.overlap.no_such_knob"),
+        ({"turn_detection": {"type": "psychic"}}, "session.turn_detection.type"),
+        ({"turn_detection": {"type": "server_vad", "bogus": 1}}, "session.turn_detection.bogus"),
+        ({"turn_mode": "full_auto", "commit_policy": "ack_only"}, "session.turn_mode"),
+        ({"input_audio_format": {"encoding": "mp3"}}, "session.input_audio_format.encoding"),
+        ({"audio_transport": "carrier_pigeon"}, "session.audio_transport"),
     ]:
         n = len(c.events)
         await c.send({"type": "session.update", "session": bad, "event_id": "evt_bad"})
@@ -211,7 +211,11 @@ async def test_barge_in_flushes_with_zero_stale_frames(native_server: ServerProc
     adv3 = await c.wait_for(lambda e: e["type"] == "epoch.advanced" and e["epoch"] > adv["epoch"])
     done3 = await c.wait_for(lambda e: e["type"] == "response.done" and e["response"]["id"] == rid3)
     assert done3["response"]["status"] == "cancelled" and _after(c, adv3) < _after(c, done3)
-    await asyncio.sleep(0.5)  # anything still in flight would arrive now
+    # A round trip through the session host: whatever it forwarded before has arrived, and
+    # audio of the cancelled response reaching it later is fenced there.
+    n = len(c.events)
+    await c.send({"type": "session.get"})
+    await c.wait_for("session.snapshot", start=n)
     tag3 = response_tag(rid3)
     late = [f for f in c.audio if f.received_after > _after(c, adv3) and f.marker[0] == tag3]
     assert late == []

@@ -2,9 +2,10 @@
 
 The SDK does not validate server events (a missing field reads as None), so every event
 received here is checked against :data:`SCHEMA` (required fields and their types, from
-PROTOCOLS.md §1) and, where the SDK's own pydantic models know the event type, validated
-by them too. Output audio of the scripted engine carries per-chunk markers
-(``decode_chunk``): the tests prove which response every audio byte belongs to.
+the OpenAI Realtime API reference, docs/realtime-conformance.md) and, where the SDK's own
+pydantic models know the event type, validated by them too. Output audio of the scripted
+engine carries per-chunk markers (``decode_chunk``): the tests prove which response every
+audio byte belongs to.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ REPLY_MS = 2400  # scripted reply length: 60 marked chunks of 40 ms
 CHUNKS = REPLY_MS // 40
 
 # ---------------------------------------------------------------------- the schema table
-# Required fields of every server event, from PROTOCOLS.md §1. A tuple of types allows
+# Required fields of every server event, from the Realtime API reference. A tuple of types allows
 # each; None in it allows null. Every event carries a string event_id (checked apart).
 STR, INT, OBJ, ARR = str, int, dict, list
 _WHERE = {"response_id": STR, "item_id": STR, "output_index": INT, "content_index": INT}
@@ -478,6 +479,7 @@ async def test_cancel_mid_response_then_next_turn(realtime_server: ServerProcess
         start = len(rec.events)
         await stream(conn, tone(500))
         await conn.input_audio_buffer.commit()
+        user_item = (await rec.wait_for("input_audio_buffer.committed", start=start))["item_id"]
         await conn.response.create()
         rid = (await rec.wait_for("response.created", start=start))["response"]["id"]
         await rec.wait_for("response.output_audio.delta", start=start)
@@ -487,7 +489,11 @@ async def test_cancel_mid_response_then_next_turn(realtime_server: ServerProcess
         assert done["response"]["id"] == rid and done["response"]["status"] == "cancelled"
         assert done["response"]["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
         done_at = rec.events.index(done)
-        await asyncio.sleep(0.6)  # anything still in flight would arrive now
+        # A round trip through the session host: everything it sent before the answer has
+        # arrived, and audio of the cancelled response that reaches it later is fenced there.
+        n = len(rec.events)
+        await conn.conversation.item.retrieve(item_id=user_item)
+        await rec.wait_for("conversation.item.retrieved", start=n)
         mine = response_events(rec, rid)
         assert [e["type"] for e in mine].count("response.done") == 1
         late = [e for e in rec.events[done_at + 1 :] if e.get("response_id") == rid]

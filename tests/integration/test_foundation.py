@@ -83,8 +83,11 @@ async def test_cancel_mid_response_stops_audio_and_next_turn_works(scripted_serv
     assert done["response"]["status"] == "cancelled"
     assert done["response"]["reason"] == "client_cancelled"
     done_at = c.events.index(done)
-    # Let anything still in flight arrive, then run a second turn.
-    await asyncio.sleep(0.5)
+    # A round trip through the session host (what it forwarded before has arrived; audio of
+    # the cancelled response reaching it later is fenced there), then a second turn.
+    n = len(c.events)
+    await c.send({"type": "session.get"})
+    await c.wait_for("session.snapshot", start=n)
     created2, done2 = await _turn(c)
     rid2 = created2["response"]["id"]
     assert done2["response"]["status"] == "completed"

@@ -161,6 +161,8 @@ def test_peer_with_another_protocol_version_is_refused_and_garbage_is_survived(
     scripted_server: ServerProcess,
 ) -> None:
     ctl_addr = f"ipc://{_run_dir(scripted_server)}/control.sock"
+    bad_frames = 'duplexd_bus_bad_frames_total{identity="host",role="host"}'
+    before = _sample(_metrics(scripted_server), bad_frames)
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IDENTITY, b"stranger")
@@ -176,8 +178,11 @@ def test_peer_with_another_protocol_version_is_refused_and_garbage_is_survived(
         ctx.term()
     code, body = scripted_server.health()
     assert code == 200 and len(body["roles"]) == 4  # the stranger was not admitted
-    metrics = _metrics(scripted_server)
-    assert 'duplexd_bus_bad_frames_total{identity="host",role="host"}' in metrics
+    # The garbage frame was counted (the counter exists from start-up at 0: wait for it to move).
+    deadline = time.monotonic() + 10
+    while _sample(_metrics(scripted_server), bad_frames) < before + 1:
+        assert time.monotonic() < deadline, f"the bad frame never reached {bad_frames}"
+        time.sleep(0.2)
 
 
 async def test_metrics_cover_every_role(scripted_server: ServerProcess) -> None:
@@ -204,6 +209,14 @@ async def test_metrics_cover_every_role(scripted_server: ServerProcess) -> None:
 def _metrics(server: ServerProcess) -> str:
     with urllib.request.urlopen(f"http://{server.base}/metrics", timeout=5) as r:
         return r.read().decode()
+
+
+def _sample(text: str, series: str) -> float:
+    """The value of one exposition line (``series`` with its labels), 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def _run_dir(server: ServerProcess) -> str:

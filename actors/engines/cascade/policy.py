@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from duplexd.actors.engines.cascade.text import SentenceSplitter, clean_for_speech, split_sentences
@@ -240,14 +241,14 @@ class _ChatStream(ReplyStream):
                     self._ready.extend(sentences)
 
 
-def _delta_content(doc: dict) -> str:
+def _delta_content(doc: dict[str, Any]) -> str:
     choices = doc.get("choices") or []
     if not choices:
         return ""
     return (choices[0].get("delta") or {}).get("content") or ""
 
 
-def _message_content(doc: dict) -> str:
+def _message_content(doc: dict[str, Any]) -> str:
     choices = doc.get("choices") or []
     if not choices:
         raise ChatStreamError(f"no choices in response: {str(doc)[:200]}")

@@ -107,7 +107,6 @@ class CascadeThinker(Thinker):
             name="cascade",
             input_rate=opts.input_rate,
             chunk_samples=opts.input_rate * opts.chunk_ms // 1000,
-            output_rate=24000,
         )
         self.asr = WhisperASR(
             opts.asr_model, opts.asr_compute_type, opts.asr_threads, opts.asr_beam_size, opts.asr_language

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from duplexd.adapters.bridge import _Turn
-from duplexd.adapters.native import full, pack_audio_out, translate_realtime, turn_detection_of, unpack_audio_out
-from duplexd.adapters.protocol import ClientError, merge_config
+from duplexd.adapters.audio import AudioFormat
+from duplexd.adapters.bridge_results import AssistantTurn
+from duplexd.adapters.native import apply_native_update, full, pack_audio_out, turn_detection_of, unpack_audio_out
+from duplexd.adapters.validation import ClientError
 from duplexd.bus.messages import PlaybackCursor, SessionConfig, SessionSnapshot, TurnMode, TurnState
 
 
@@ -49,10 +50,17 @@ def test_full_keeps_defaults_that_the_wire_omits() -> None:
             {"max_output_tokens": 0},
         ),
         ({"max_output_tokens": 40}, "server_vad", {"max_output_tokens": 40}),
+        ({"turn_mode": "duplex", "overlap": {"barge_in_ms": 900}}, "duplex", {"overlap.barge_in_ms": 900}),
+        (
+            {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}},
+            "server_vad",
+            {"vad.silence_duration_ms": 400},
+        ),
+        ({"instructions": None, "voice": None, "vad": None}, "server_vad", {"instructions": ""}),
     ],
 )
 def test_realtime_spellings_map_onto_session_fields(patch: dict, mode: str, check: dict) -> None:
-    cfg = merge_config(SessionConfig(), translate_realtime(patch))
+    cfg, fmt, _ = apply_native_update(SessionConfig(), AudioFormat(), patch)
     assert cfg.turn_mode.value == mode
     for path, want in check.items():
         obj = cfg
@@ -65,20 +73,40 @@ def test_realtime_spellings_map_onto_session_fields(patch: dict, mode: str, chec
 
 
 def test_realtime_spellings_reject_what_they_cannot_mean() -> None:
-    for patch, param in [
-        ({"turn_detection": "server_vad"}, "turn_detection"),
-        ({"turn_detection": {"type": "semantic_vad"}}, "turn_detection.type"),
-        ({"turn_detection": {"type": "server_vad", "eagerness": "high"}}, "turn_detection.eagerness"),
-        ({"audio": {"input": {"format": {"type": "audio/mp3"}}}}, "audio.input.format.type"),
-        ({"audio": []}, "audio"),
+    for patch, code, param in [
+        ({"turn_detection": "server_vad"}, "invalid_type", "session.turn_detection"),
+        ({"turn_detection": {"type": "psychic"}}, "invalid_value", "session.turn_detection.type"),
+        ({"turn_detection": {"type": "server_vad", "eagerness": "high"}}, "unknown_parameter", None),
+        ({"audio": {"input": {"format": {"type": "audio/mp3"}}}}, "invalid_value", "session.audio.input.format.type"),
+        ({"audio": []}, "invalid_type", "session.audio"),
+        ({"force_listen_count": "3"}, "invalid_type", "session.force_listen_count"),
+        ({"overlap": {"barge_in_ms": "soon"}}, "invalid_type", "session.overlap.barge_in_ms"),
+        ({"overlap": {"colour": 1}}, "unknown_parameter", "session.overlap.colour"),
+        ({"turn_mode": "telepathy"}, "invalid_value", "session.turn_mode"),
+        ({"input_audio_format": {"encoding": "mp3"}}, "invalid_value", "session.input_audio_format.encoding"),
     ]:
         with pytest.raises(ClientError) as exc:
-            translate_realtime(patch)
-        assert exc.value.param == param
+            apply_native_update(SessionConfig(), AudioFormat(), patch)
+        assert exc.value.code == code, (patch, exc.value.code, str(exc.value))
+        if param is not None:
+            assert exc.value.param == param, (patch, exc.value.param)
+
+
+def test_native_input_formats_and_a_voice_change_keeps_the_format() -> None:
+    mulaw = AudioFormat("pcmu", 8000)
+    _, fmt, _ = apply_native_update(SessionConfig(), AudioFormat(), {"input_audio_format": "g711_ulaw"})
+    assert fmt == mulaw
+    _, fmt, _ = apply_native_update(SessionConfig(), mulaw, {"audio": {"output": {"voice": "joe"}}})
+    assert fmt == mulaw
+    f32 = {"input_audio_format": {"encoding": "float32", "rate": 16000}, "audio_transport": "json"}
+    _, fmt, transport = apply_native_update(SessionConfig(), mulaw, f32)
+    assert fmt == AudioFormat("float32", 16000) and transport == "json"
+    _, fmt, _ = apply_native_update(SessionConfig(), mulaw, {"audio": {"input": {"format": {"type": "audio/pcm"}}}})
+    assert fmt == AudioFormat("pcm16", 24000)
 
 
 def test_turn_take_splits_chunks_and_keeps_words_with_their_start() -> None:
-    t = _Turn("resp_1", 0)
+    t = AssistantTurn("resp_1", 0)
     t.add(np.ones(600, np.float32), " one")
     t.add(np.full(600, 2, np.float32), " two")
     pcm, text = t.take(1000)

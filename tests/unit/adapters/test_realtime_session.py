@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from websockets.datastructures import Headers
 
 from duplexd.adapters.audio import AudioFormat
-from duplexd.adapters.protocol import ClientError
 from duplexd.adapters.realtime import is_beta
 from duplexd.adapters.realtime_events import render_response, status_details, usage
 from duplexd.adapters.realtime_session import (
@@ -25,6 +24,7 @@ from duplexd.adapters.realtime_session import (
     render_session,
     response_options,
 )
+from duplexd.adapters.validation import ClientError
 from duplexd.bus.messages import (
     ContentPart,
     Item,
@@ -393,3 +393,56 @@ def test_any_json_gives_a_client_error_or_a_valid_result(value: Any) -> None:
         if isinstance(out, tuple):  # a session update that validated renders in both dialects
             render_session("s", out[0], out[1], beta=False)
             render_session("s", out[0], out[1], beta=True)
+
+
+# ---------------------------------------------------------------------- null: "not set"
+def test_null_session_fields_leave_the_session_as_it_is() -> None:
+    st, cfg = apply_update(*start(), {"instructions": "Be brief.", "voice": "cedar", "output_modalities": ["text"]})
+    nulls = {
+        "type": None,
+        "model": None,
+        "instructions": None,
+        "output_modalities": None,
+        "voice": None,
+        "temperature": None,
+        "speed": None,
+        "tool_choice": None,
+        "input_audio_format": None,
+        "audio": {"input": {"format": None}, "output": {"voice": None, "speed": None, "format": None}},
+    }
+    st2, cfg2 = apply_update(st, cfg, nulls)
+    assert (st2, cfg2) == (st, cfg)
+    # Where null means something, it still does: no turn detection is manual turns.
+    _, cfg3 = apply_update(st, cfg, {"audio": {"input": {"turn_detection": None}}})
+    assert cfg3.turn_mode == TurnMode.MANUAL
+    # A null inside turn_detection is not set either (idle_timeout_ms: null stays "off").
+    _, cfg4 = apply_update(
+        st, cfg, {"turn_detection": {"type": "server_vad", "threshold": None, "idle_timeout_ms": None}}
+    )
+    assert cfg4.vad.threshold == cfg.vad.threshold and cfg4.vad.idle_timeout_ms == 0
+
+
+def test_null_response_options_are_the_session_defaults() -> None:
+    st, _ = start()
+    opts = response_options(
+        {
+            "instructions": None,  # LiveKit's generate_reply()
+            "output_modalities": None,
+            "modalities": None,
+            "voice": None,
+            "conversation": None,
+            "metadata": None,
+            "tool_choice": None,
+            "temperature": None,
+            "max_output_tokens": None,
+            "output_audio_format": None,
+            "audio": {"output": {"voice": None, "format": None}},
+        },
+        st,
+    )
+    assert opts == response_options({}, st) == response_options(None, st)
+
+
+def test_null_item_fields_are_not_set() -> None:
+    item = parse_item({"type": None, "id": None, "status": None, "role": "user", "content": None}, "item_new")
+    assert item.id == "item_new" and item.type == "message" and item.status == "completed" and item.content == ()
