@@ -275,7 +275,7 @@ def explain(message: str, root: type[msgspec.Struct]) -> str:
 
 
 def _struct_at(root: type[msgspec.Struct], path: str) -> type[msgspec.Struct] | None:
-    t: Any = root
+    t: type[msgspec.Struct] = root
     for part in [p for p in path.split(".") if p]:
         info = msgspec.inspect.type_info(t)
         fields = {f.name: f.type for f in getattr(info, "fields", ())}
@@ -291,7 +291,9 @@ def _enum_values(root: type[msgspec.Struct], path: str) -> list[str]:
     struct = _struct_at(root, parent)
     if struct is None:
         return []
-    for f in msgspec.inspect.type_info(struct).fields:
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for f in info.fields:
         if f.name == name and isinstance(f.type, msgspec.inspect.EnumType):
             return [str(m.value) for m in f.type.cls]
     return []

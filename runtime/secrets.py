@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -20,6 +20,8 @@ REDACTED = "<redacted>"
 # Dotted keys of the config that hold secrets.
 KEYS = ("server.api_keys", "engines.cascade.openai_api_key")
 
+S = TypeVar("S", bound=msgspec.Struct)
+
 
 def _get(obj: Any, key: str) -> Any:
     for part in key.split("."):
@@ -27,7 +29,7 @@ def _get(obj: Any, key: str) -> Any:
     return obj
 
 
-def _set(obj: Any, key: str, value: Any) -> Any:
+def _set(obj: S, key: str, value: Any) -> S:
     head, _, rest = key.partition(".")
     inner = value if not rest else _set(getattr(obj, head), rest, value)
     return msgspec.structs.replace(obj, **{head: inner})
@@ -39,14 +41,14 @@ def _blank(value: Any, mark: str | None) -> Any:
     return (mark or "") if value else value
 
 
-def redacted(cfg: Any) -> Any:
+def redacted(cfg: S) -> S:
     """``cfg`` with every secret replaced by ``<redacted>`` (for printing)."""
     for key in KEYS:
         cfg = _set(cfg, key, _blank(_get(cfg, key), REDACTED))
     return cfg
 
 
-def split(cfg: Any) -> tuple[Any, dict[str, Any]]:
+def split(cfg: S) -> tuple[S, dict[str, Any]]:
     """(``cfg`` without its secrets, the secrets by key): what a file may hold, what it may not."""
     secrets = {k: _get(cfg, k) for k in KEYS if _get(cfg, k)}
     for key in secrets:
@@ -54,7 +56,7 @@ def split(cfg: Any) -> tuple[Any, dict[str, Any]]:
     return cfg, secrets
 
 
-def merge(cfg: Any, secrets: dict[str, Any]) -> Any:
+def merge(cfg: S, secrets: dict[str, Any]) -> S:
     """``cfg`` with the secrets of :func:`split` put back."""
     for key, value in secrets.items():
         if key not in KEYS:
