@@ -94,6 +94,7 @@ class EngineInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     input_rate: int = 16000
     chunk_samples: int = 1600
     output_rate: int = 24000
+    max_sessions: int = 0  # sessions one stage0 process can hold (model slots); 0 = unbounded
 
 
 class VadParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):

@@ -91,6 +91,12 @@ class ConfigError(ValueError):
 def validate(cfg: Config) -> Config:
     if cfg.engine.name not in engine_names():
         raise ConfigError(f"engine.name: unknown engine {cfg.engine.name!r}; known: {', '.join(engine_names())}")
+    if cfg.engine.name == "moshi" and cfg.stage0.max_batch < cfg.engines.moshi.max_sessions:
+        # A lockstep step covers every slot: a session left out of the batch would hear silence.
+        raise ConfigError(
+            f"stage0.max_batch ({cfg.stage0.max_batch}) must be at least engines.moshi.max_sessions "
+            f"({cfg.engines.moshi.max_sessions})"
+        )
     if cfg.host.vad not in ("silero", "energy"):
         raise ConfigError(f"host.vad: {cfg.host.vad!r} is not 'silero' or 'energy'")
     if cfg.logging.format not in ("json", "text"):
