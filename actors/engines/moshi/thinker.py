@@ -65,6 +65,8 @@ class _Session:
     quiet: int = 0  # quiet frames in a row while speaking
     mute: int = 0  # frames left forced quiet after a cancel
     spoke_for: str = ""  # turn modes: the response this turn already spoke for
+    seed: int = 0
+    started: bool = False  # the stream starts (frame 0) with the session's first chunk
     carry: deque[Frame] = field(default_factory=deque)
     frames: int = 0
 
@@ -127,7 +129,7 @@ class MoshiThinker(Thinker):
 
     # ------------------------------------------------------------------ sessions
     def open_session(self, session_id: str, config: SessionConfig) -> None:
-        runner = self._runner()
+        self._runner()
         try:
             slot = self.slots.lease(session_id)
         except SlotsExhausted:
@@ -137,9 +139,8 @@ class MoshiThinker(Thinker):
                 code="capacity_exceeded",
             ) from None
         seed = self.opts.seed if self.opts.seed >= 0 else int.from_bytes(os.urandom(4), "little")
-        runner.reset_slot(slot, seed)
-        self.sessions[session_id] = _Session(session_id, slot, config, TextStream(self.tokenizer, self._quiet_ids))
-        self._controls(self.sessions[session_id], force=False)
+        text = TextStream(self.tokenizer, self._quiet_ids)
+        self.sessions[session_id] = _Session(session_id, slot, config, text, seed)
         log(_log, logging.INFO, "moshi slot leased", session_id=session_id, slot=slot, seed=seed)
 
     def update_session(self, session_id: str, config: SessionConfig) -> None:
@@ -174,11 +175,17 @@ class MoshiThinker(Thinker):
         unknown = [sid for sid in given if sid not in self.sessions]
         if unknown:
             raise EngineError(f"session {unknown[0]} has no model slot", unknown[0])
+        for x in batch:
+            if x.pcm.size != FRAME_SAMPLES:
+                raise EngineError(f"chunk of {x.pcm.size} samples; moshi takes {FRAME_SAMPLES}", x.session_id)
         t0 = time.perf_counter()
         for s in self.sessions.values():
             x = given.get(s.sid)
-            if x is not None and x.pcm.size != FRAME_SAMPLES:
-                raise EngineError(f"chunk of {x.pcm.size} samples; moshi takes {FRAME_SAMPLES}", s.sid)
+            if x is not None and not s.started:
+                # Its stream joins the lockstep now: until its first chunk, its row computed
+                # nothing of its own (a fresh frame 0 makes the slot's old state unread).
+                s.started = True
+                runner.reset_slot(s.slot, s.seed)
             runner.set_input(s.slot, x.pcm if x is not None else None)
             self._controls(s, force=x is not None and x.force_listen)
         held = set(self.slots.held.values())
@@ -188,6 +195,8 @@ class MoshiThinker(Thinker):
         out = runner.step(self.slots.rows())
         results: list[ThinkerOutput] = []
         for s in self.sessions.values():
+            if not s.started:
+                continue
             frame = Frame(
                 int(out.text[s.slot]),
                 out.pcm[s.slot],

@@ -167,20 +167,20 @@ def test_sampling_follows_the_softmax() -> None:
     torch.testing.assert_close(freq[:3], torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
 
 
-def _runner(model, slots: int = 3, **kw) -> MoshiRunner:  # noqa: ANN001
-    r = MoshiRunner(model, StepConfig(slots=slots, context=64, buckets=(1, 2, 4), **kw))
+def _runner(model, slots: int = 3, context: int = 64, **kw) -> MoshiRunner:  # noqa: ANN001
+    r = MoshiRunner(model, StepConfig(slots=slots, context=context, buckets=(1, 2, 4), **kw))
     r.capture()
     return r
 
 
-def _run(r: MoshiRunner, plan: dict[int, tuple[int, np.ndarray]], steps: int) -> dict[int, list]:
-    """plan: slot → (first step, audio); returns each slot's outputs per step it streamed."""
+def _run(r: MoshiRunner, plan: dict[int, tuple[int, np.ndarray, int]], steps: int) -> dict[int, list]:
+    """plan: slot → (first step, audio, seed); returns each slot's outputs per step it streamed."""
     outs: dict[int, list] = {slot: [] for slot in plan}
     for i in range(steps):
-        live = [slot for slot, (start, x) in plan.items() if start <= i < start + len(x) // F]
-        for slot, (start, x) in plan.items():
+        live = [slot for slot, (start, x, _) in plan.items() if start <= i < start + len(x) // F]
+        for slot, (start, x, seed) in plan.items():
             if i == start:
-                r.reset_slot(slot, 1000 + slot)
+                r.reset_slot(slot, seed)
                 r.set_controls(slot, 0.0, False, 1.0)
             k = i - start
             r.set_input(slot, x[k * F : (k + 1) * F] if slot in live else None)
@@ -201,16 +201,17 @@ def _same(a: list, b: list) -> None:
 
 
 @torch.inference_mode()
-def test_runner_slot_streams_do_not_depend_on_the_batch(model) -> None:  # noqa: ANN001
-    xa = _audio(8, 11)[0, 0].numpy()
+@pytest.mark.parametrize(("slot_a", "slot_b"), [(0, 2), (2, 0)])
+def test_runner_slot_streams_do_not_depend_on_the_batch(model, slot_a: int, slot_b: int) -> None:  # noqa: ANN001
+    xa = _audio(9, 11)[0, 0].numpy()
     xb = _audio(6, 12)[0, 0].numpy()
-    alone_a = _run(_runner(model), {0: (0, xa)}, 8)[0]
-    # b was alone in slot 2 with seed 1002: replay it in slot 2 alone for its reference
-    alone_b = _run(_runner(model), {2: (0, xb)}, 6)[2]
-    # together: b joins at step 2 in slot 2 (slot 1 free), a leaves after 8 steps
-    both = _run(_runner(model), {0: (0, xa), 2: (2, xb)}, 8)
-    _same(both[0], alone_a)
-    _same(both[2], alone_b)
+    alone_a = _run(_runner(model, context=6), {0: (0, xa, 71)}, 9)[0]
+    alone_b = _run(_runner(model, context=6), {0: (0, xb, 72)}, 6)[0]
+    # together, in other slots (one free row between them): b joins at step 2 and leaves
+    # at step 8 while a goes on; the context window (6 frames) slides for a
+    both = _run(_runner(model, context=6), {slot_a: (0, xa, 71), slot_b: (2, xb, 72)}, 9)
+    _same(both[slot_a], alone_a)
+    _same(both[slot_b], alone_b)
 
 
 @torch.inference_mode()
