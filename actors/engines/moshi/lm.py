@@ -29,7 +29,7 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (y * norm.weight.float()).to(x.dtype)
 
 
-def round_up(n: int, m: int = 8) -> int:
+def round_up(n: int, m: int = 16) -> int:
     return -(-n // m) * m
 
 
@@ -53,7 +53,7 @@ class TemporalLM:
         self.inv_freq = rot.inv_freq.to(p.device)
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))
         self.window = context
-        self.size = round_up(context)  # aligned rows for the attention kernels; the mask keeps the window
+        self.size = round_up(context)  # rows aligned for the attention kernels; the mask keeps the window
         self.vocab = cfg.vocab_size
         shape = (slots, self.kv_heads, self.size, self.head_dim)
         self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.layers]

@@ -77,7 +77,9 @@ def load_model(opts: MoshiOptions, progress: Callable[[str], None] | None = None
             raise ValueError("engines.moshi: set model_path (a local checkpoint directory) or random_init = true")
         say(f"moshi: loading weights from {path} as {str(dtype).removeprefix('torch.')} onto {device}")
         model = _from_pretrained(MoshiForConditionalGeneration, path, dtype, device)
-    model.audio_encoder.to(mimi_dtype)
+    # Parameters only: a blanket .to() would also round the codec's RoPE frequencies.
+    for p in model.audio_encoder.parameters():
+        p.data = p.data.to(mimi_dtype)
     model.eval().requires_grad_(False)
     say(f"moshi: model ready ({_gib(model):.2f} GiB) in {time.perf_counter() - t0:.1f} s")
     tokenizer = load_tokenizer(opts.tokenizer_path or opts.model_path)

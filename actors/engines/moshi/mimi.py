@@ -153,7 +153,8 @@ class StreamingTransformer:
         self.heads, self.kv_heads, self.head_dim = a0.num_heads, a0.num_key_value_heads, a0.head_dim
         self.window = int(cfg.sliding_window or cfg.max_position_embeddings)
         self.frames = frames
-        self.size = self.window + frames - 1  # the oldest key a query may still see is not overwritten
+        # room for the oldest key a query may still see, rounded up for the attention kernels
+        self.size = -(-(self.window + frames - 1) // 16) * 16
         self.inv_freq = tf.rotary_emb.inv_freq.to(device)
         self.rope_scale = float(getattr(tf.rotary_emb, "attention_scaling", 1.0))
         self.dtype = dtype

@@ -18,6 +18,7 @@ has no output (Moshi's one-frame acoustic delay).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,17 @@ from duplexd.actors.engines.moshi.mimi import StreamingMimi
 from duplexd.actors.engines.moshi.sampling import sample_top_k, stream_key
 
 PHASES = ("mimi_encode", "lm", "depth", "mimi_decode")
+
+
+def _attention_backends() -> contextlib.AbstractContextManager[None]:
+    """SDPA kernels the step may use: flash (no mask), memory-efficient (masks) and math.
+    cuDNN attention is left out: its shape coverage for one-query decoding has varied
+    across torch releases, and a captured graph must not meet an unsupported case."""
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +203,7 @@ class MoshiRunner:
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        with torch.inference_mode():
+        with torch.inference_mode(), _attention_backends():
             if not self.use_graphs:
                 self._run_eager(self.buckets[-1] if self.device.type == "cuda" else self.buckets[0])
             else:
@@ -217,8 +229,9 @@ class MoshiRunner:
         return time.perf_counter() - t0
 
     def _run_eager(self, b: int) -> None:
-        for phase in self._phases:
-            phase(b)
+        with _attention_backends():
+            for phase in self._phases:
+                phase(b)
 
     # ------------------------------------------------------------------ step
     def set_input(self, row: int, pcm: np.ndarray | None) -> None:
@@ -236,6 +249,7 @@ class MoshiRunner:
         s.pcm_in[:b].copy_(self._pcm_host[:b], non_blocking=True)
         s.ctrl[:b].copy_(self._ctrl_host[:b], non_blocking=True)
         ev = self._events if self.timing and self._events else None
+        marks = [time.perf_counter()] if self.timing and not ev else None  # CPU: wall time per phase
         if ev:
             ev[0].record()
         graphs = self.graphs.get(b) if self.use_graphs else None
@@ -243,9 +257,12 @@ class MoshiRunner:
             if graphs is not None:
                 graphs[i].replay()
             else:
-                phase(b)
+                with _attention_backends():
+                    phase(b)
             if ev:
                 ev[i + 1].record()
+            elif marks is not None:
+                marks.append(time.perf_counter())
         self._meta_host[:b].copy_(s.out_meta[:b], non_blocking=True)
         self._pcm_out_host[:b].copy_(s.out_pcm[:b], non_blocking=True)
         self._codes_host[:b].copy_(s.out_codes[:b], non_blocking=True)
@@ -254,6 +271,8 @@ class MoshiRunner:
         phase_ms: dict[str, float] = {}
         if ev:
             phase_ms = {name: ev[i].elapsed_time(ev[i + 1]) for i, name in enumerate(PHASES)}
+        elif marks is not None:
+            phase_ms = {name: (marks[i + 1] - marks[i]) * 1000 for i, name in enumerate(PHASES)}
         meta = self._meta_host[:rows].numpy()
         return StepOutput(
             text=meta[:, 0].astype(np.int64),
