@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client import Counter, Gauge
 
 from duplexd.actors.engines.base import EngineError, EngineStats, Thinker, ThinkerInput, ThinkerOutput
 from duplexd.actors.engines.moshi.options import MoshiOptions
@@ -36,8 +37,16 @@ from duplexd.actors.engines.moshi.slots import SlotsExhausted, SlotTable
 from duplexd.actors.engines.moshi.text import TextStream
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, SessionConfig
+from duplexd.bus.metrics import REGISTRY
 
 _log = get_logger(__name__)
+
+SLOTS_IN_USE = Gauge("duplexd_moshi_slots_in_use", "Moshi model slots leased by sessions", registry=REGISTRY)
+SILENCE_FED = Counter(
+    "duplexd_moshi_silence_frames",
+    "Frames a session was fed silence for: its chunk was not there in time, or it stopped sending",
+    registry=REGISTRY,
+)
 
 SAMPLE_RATE = 24000
 FRAME_SAMPLES = 1920
@@ -141,6 +150,7 @@ class MoshiThinker(Thinker):
         seed = self.opts.seed if self.opts.seed >= 0 else int.from_bytes(os.urandom(4), "little")
         text = TextStream(self.tokenizer, self._quiet_ids)
         self.sessions[session_id] = _Session(session_id, slot, config, text, seed)
+        SLOTS_IN_USE.set(len(self.sessions))
         log(_log, logging.INFO, "moshi slot leased", session_id=session_id, slot=slot, seed=seed)
 
     def update_session(self, session_id: str, config: SessionConfig) -> None:
@@ -151,6 +161,7 @@ class MoshiThinker(Thinker):
     def close_session(self, session_id: str) -> None:
         if self.sessions.pop(session_id, None) is not None:
             slot = self.slots.release(session_id)
+            SLOTS_IN_USE.set(len(self.sessions))
             log(_log, logging.INFO, "moshi slot released", session_id=session_id, slot=slot)
 
     def discard_pending(self, session_id: str) -> None:
@@ -208,6 +219,7 @@ class MoshiThinker(Thinker):
             s.carry.append(frame)
             x = given.get(s.sid)
             if x is None:
+                SILENCE_FED.inc()
                 while len(s.carry) > max(1, self.opts.carry_frames):
                     s.carry.popleft()  # a session that stopped sending stops hearing
                 if self.opts.carry_frames == 0:
