@@ -577,6 +577,28 @@ def _gpu(phases: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def ensure_duplexd() -> str:
+    """Make ``duplexd`` importable here and in the server's child processes: the installed
+    package, or else this source tree linked under a temporary ``duplexd`` namespace
+    (a GPU machine may have no build tools for ``pip install -e .``)."""
+    try:
+        import duplexd.actors  # noqa: F401
+
+        return "installed"
+    except ImportError:
+        pass
+    repo = Path(__file__).resolve().parents[2]
+    shim = Path(tempfile.mkdtemp(prefix="duplexd-shim-"))
+    (shim / "duplexd").mkdir()
+    for sub in ("runtime", "actors", "bus", "adapters"):
+        (shim / "duplexd" / sub).symlink_to(repo / sub, target_is_directory=True)
+    sys.path.insert(0, str(shim))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), str(repo), os.environ.get("PYTHONPATH")]))
+    import duplexd.actors  # noqa: F401
+
+    return f"linked from {repo} via {shim}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU: every phase, in seconds")
@@ -601,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
+    how = ensure_duplexd()
+    print(f"duplexd: {how}", flush=True)
     b = Bench(args)
     res = Results(args.out)
     t0 = time.perf_counter()
