@@ -265,16 +265,16 @@ class Bench:
                     r._run_eager(b)  # noqa: SLF001
                 if r.device.type == "cuda":
                     torch.cuda.synchronize()
-        key = "self_cuda_time_total" if r.device.type == "cuda" else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=30)
+        avgs = prof.key_averages()
+        key = "self_cpu_time_total"
+        if r.device.type == "cuda":
+            new_name = bool(avgs) and hasattr(avgs[0], "self_device_time_total")
+            key = "self_device_time_total" if new_name else "self_cuda_time_total"
+        table = avgs.table(sort_by=key, row_limit=30)
         (self.args.out / "profile_64.txt").write_text(table)
         cats: dict[str, float] = {}
-        for ev in prof.key_averages():
-            t = getattr(ev, "self_device_time_total", None)
-            if t is None:
-                t = getattr(ev, "self_cuda_time_total", 0.0)
-            if r.device.type != "cuda":
-                t = ev.self_cpu_time_total
+        for ev in avgs:
+            t = getattr(ev, key, 0.0)
             if not t:
                 continue
             cats[_category(ev.key)] = cats.get(_category(ev.key), 0.0) + t / 1000 / 3
