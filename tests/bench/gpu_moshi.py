@@ -57,7 +57,7 @@ class Results:
         self.phases: dict[str, Any] = {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        print(f"== {name}", flush=True)
+        print(f"== {name} ({time.strftime('%H:%M:%S')})", flush=True)
         t0 = time.perf_counter()
         try:
             data = fn()
@@ -608,14 +608,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm", type=int, default=5)
     p.add_argument("--context", type=int, default=0, help="LM window for counts up to 64")
     p.add_argument("--skip", default="", help="comma-separated phases to skip")
+    p.add_argument("--quick", action="store_true", help="fewer counts and steps (a first GPU check, ~3 min)")
     args = p.parse_args(argv)
-    tiny = args.tiny
-    args.steps = args.steps or (4 if tiny else 100)
+    tiny, quick = args.tiny, args.quick
+    args.steps = args.steps or (4 if tiny else 30 if quick else 100)
     args.warm = 2 if tiny else args.warm
     args.context = args.context or (32 if tiny else 3000)
-    counts = [1, 2, 4] if tiny else [1, 8, 16, 32, 64]
-    big = [4] if tiny else [96, 128]
-    naive_counts = [1, 2] if tiny else [1, 8, 64]
+    counts = [1, 2, 4] if tiny else [1, 64] if quick else [1, 8, 16, 32, 64]
+    big = [4] if tiny else [128] if quick else [96, 128]
+    naive_counts = [1, 2] if tiny else [1, 64] if quick else [1, 8, 64]
     server_counts = [1, 2] if tiny else [1, 32]
     skip = set(filter(None, args.skip.split(",")))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
