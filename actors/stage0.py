@@ -50,10 +50,9 @@ class Stage0Worker(StageWorker):
         self.max_batch = max_batch
         self.queues: dict[str, deque[AudioChunk]] = {}
         self._rr = 0  # rotates which sessions go first when more than max_batch wait
-        # Lockstep engines (one step = one frame of every session): a step waits, at most
-        # lockstep_grace_s, until every session still streaming has its next chunk queued.
-        self.grace_s = float(getattr(thinker, "lockstep_grace_s", 0.0))
-        self.idle_s = float(getattr(thinker, "lockstep_idle_s", 0.0))
+        # Lockstep engines (one step = one frame of every session): see Thinker.
+        self.grace_s = thinker.lockstep_grace_s
+        self.idle_s = thinker.lockstep_idle_s
         self._arrivals: dict[str, deque[float]] = {}
         self._last_arrival: dict[str, float] = {}
 
