@@ -10,6 +10,7 @@ writing ``<out>/<phase>.json`` as soon as it ends (a failing phase writes its tr
 and the run goes on):
 
 * ``env``: GPU, versions.
+* ``graph_check``: a tiny model's CUDA-graph replay against its eager step (same tokens).
 * ``init``: random full-size model built on the GPU in bf16.
 * ``batched``: the engine's step (CUDA graphs per bucket, context 3000 frames, every
   window full) at 1, 8, 16, 32, 64 sessions: wall p50/p99 per step and GPU time per phase
@@ -139,6 +140,42 @@ class Bench:
             info["memory"] = _cuda_memory()
         print(f"   {info}", flush=True)
         return info
+
+    def graph_check(self) -> dict[str, Any]:
+        """Correctness before speed: the captured graphs replay exactly the eager step
+        (tiny model on the bench device, streams joining and leaving mid-run)."""
+        import torch
+
+        from duplexd.actors.engines.moshi.runner import MoshiRunner, StepConfig
+        from tests.moshi_tiny import tiny_model
+
+        model = tiny_model().to(self.device)
+        if self.device.startswith("cuda"):
+            model = model.to(torch.bfloat16)
+        outs = {}
+        for graphs in (False, True):
+            r = MoshiRunner(model, StepConfig(slots=4, context=16, buckets=(1, 2, 4), cuda_graphs=graphs))
+            r.capture()
+            rng = np.random.default_rng(3)
+            got = []
+            for i in range(12):
+                live = [s for s, start in ((0, 0), (2, 3), (1, 5)) if start <= i and not (s == 0 and i >= 9)]
+                for s, start in ((0, 0), (2, 3), (1, 5)):
+                    if i == start:
+                        r.reset_slot(s, 40 + s)
+                        r.set_controls(s, 0.0, i == 0, 1.0)
+                    r.set_input(s, (0.1 * rng.standard_normal(1920)).astype(np.float32) if s in live else None)
+                out = r.step(max(live) + 1)
+                got.append((out.text[live].copy(), out.codes[live].copy(), out.pcm[live].copy()))
+            outs[graphs] = (got, r.use_graphs)
+        (eager, _), (graphed, used) = outs[False], outs[True]
+        pairs = list(zip(eager, graphed, strict=True))
+        tokens_equal = all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in pairs)
+        pcm_diff = max(float(np.max(np.abs(a[2] - b[2]))) for a, b in pairs)
+        if not tokens_equal or pcm_diff > 1e-2:
+            raise AssertionError(f"graph replay differs from the eager step: tokens equal {tokens_equal}, "
+                                 f"max pcm diff {pcm_diff}")
+        return {"graphs_used": used, "tokens_equal": tokens_equal, "max_pcm_diff": pcm_diff}
 
     def init(self) -> dict[str, Any]:
         import torch
@@ -630,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     res = Results(args.out)
     t0 = time.perf_counter()
     res.run("env", b.env)
+    if "graph_check" not in skip:
+        res.run("graph_check", b.graph_check)
     res.run("init", b.init)
     if b.model is not None:
         if "batched" not in skip:
