@@ -133,6 +133,9 @@ class Bench:
             "device": self.device,
             "tiny": self.tiny,
             "weights": "random (no checkpoint can be downloaded)",
+            # msgspec: every phase (engine options); the rest: the server phase
+            "packages": {m: _importable(m) for m in ("msgspec", "zmq", "websockets", "soxr", "uvloop",
+                                                     "prometheus_client")},
         }
         if self.device.startswith("cuda"):
             info["gpu"] = torch.cuda.get_device_name()
