@@ -123,6 +123,11 @@ class Peer:
         return self.identity.decode(errors="replace")
 
 
+def _has_room(p: Peer) -> bool:
+    cap = p.engine.max_sessions if p.engine is not None else 0
+    return cap == 0 or len(p.sessions) < cap
+
+
 @dataclass(slots=True)
 class _Bound:
     actor: SessionActor
@@ -479,8 +484,14 @@ class SessionHost:
         b.actor.on_stage_bound(role, self.now())
         self._flush(sid)
 
-    def _pick(self, role: Role) -> Peer | None:
-        ready = [p for p in self.peers.values() if p.role == role and p.ready]
+    def _ready(self, role: Role) -> list[Peer]:
+        return [p for p in self.peers.values() if p.role == role and p.ready]
+
+    def _pick(self, role: Role, with_room: bool = False) -> Peer | None:
+        """The least-loaded ready peer of ``role``; ``with_room``: only one with a free model slot."""
+        ready = self._ready(role)
+        if with_room:
+            ready = [p for p in ready if _has_room(p)]
         return min(ready, key=lambda p: len(p.sessions)) if ready else None
 
     def engine_info(self) -> EngineInfo | None:
@@ -501,7 +512,12 @@ class SessionHost:
         if self.draining:
             refuse("server_draining", "the server is shutting down; no new sessions")
             return
-        s0, s1 = self._pick(Role.STAGE0), self._pick(Role.STAGE1)
+        s0, s1 = self._pick(Role.STAGE0, with_room=True), self._pick(Role.STAGE1)
+        if s0 is None and self._pick(Role.STAGE0) is not None:
+            # Admission: a stage0 with a fixed number of model slots has none free.
+            slots = sum(p.engine.max_sessions for p in self._ready(Role.STAGE0) if p.engine)
+            refuse("capacity_exceeded", f"all {slots} model slots are in use; try again when a session ends")
+            return
         if s0 is None or s1 is None or s0.engine is None:
             refuse("stage_unavailable", "the model stages are not ready")
             return

@@ -50,6 +50,11 @@ class Stage0Worker(StageWorker):
         self.max_batch = max_batch
         self.queues: dict[str, deque[AudioChunk]] = {}
         self._rr = 0  # rotates which sessions go first when more than max_batch wait
+        # Lockstep engines (one step = one frame of every session): see Thinker.
+        self.grace_s = thinker.lockstep_grace_s
+        self.idle_s = thinker.lockstep_idle_s
+        self._arrivals: dict[str, deque[float]] = {}
+        self._last_arrival: dict[str, float] = {}
 
     def engine_info(self) -> EngineInfo:
         return self.thinker.info
@@ -57,12 +62,15 @@ class Stage0Worker(StageWorker):
     def open_session(self, session_id: str, config: SessionConfig) -> None:
         self.thinker.open_session(session_id, config)
         self.queues[session_id] = deque()
+        self._arrivals[session_id] = deque()
 
     def update_session(self, session_id: str, config: SessionConfig) -> None:
         self.thinker.update_session(session_id, config)
 
     def close_session(self, session_id: str) -> None:
         self.queues.pop(session_id, None)
+        self._arrivals.pop(session_id, None)
+        self._last_arrival.pop(session_id, None)
         self.thinker.close_session(session_id)
 
     def advance_epoch(self, session_id: str) -> None:
@@ -79,6 +87,10 @@ class Stage0Worker(StageWorker):
     def on_data(self, msg: StageData) -> None:
         if isinstance(msg, AudioChunk):
             self.queues[msg.session_id].append(msg)
+            if self.grace_s > 0:
+                now = time.monotonic()
+                self._arrivals[msg.session_id].append(now)
+                self._last_arrival[msg.session_id] = now
         elif isinstance(msg, ContextUpdate):
             try:
                 self.thinker.set_context(msg.session_id, msg.history, msg.instructions)
@@ -86,7 +98,23 @@ class Stage0Worker(StageWorker):
                 self.report_error(msg.session_id, "context_failed", f"{type(exc).__name__}: {exc}")
 
     def has_work(self) -> bool:
-        return any(self.queues.values())
+        if not any(self.queues.values()):
+            return False
+        if self.grace_s <= 0:
+            return True
+        now = time.monotonic()
+        streaming = [sid for sid, at in self._last_arrival.items() if now - at <= self.idle_s]
+        if all(self.queues[sid] for sid in streaming):
+            return True
+        return now - self._oldest_arrival() >= self.grace_s
+
+    def next_due_s(self) -> float | None:
+        if self.grace_s <= 0 or not any(self.queues.values()):
+            return None
+        return max(0.0, self._oldest_arrival() + self.grace_s - time.monotonic())
+
+    def _oldest_arrival(self) -> float:
+        return min((a[0] for a in self._arrivals.values() if a), default=time.monotonic())
 
     def step(self) -> None:
         waiting = [sid for sid, q in self.queues.items() if q]
@@ -94,6 +122,9 @@ class Stage0Worker(StageWorker):
             self._rr = (self._rr + 1) % len(waiting)
             waiting = (waiting[self._rr :] + waiting[: self._rr])[: self.max_batch]
         chunks = [self.queues[sid].popleft() for sid in waiting]
+        for sid in waiting:
+            if self._arrivals.get(sid):
+                self._arrivals[sid].popleft()
         t0 = time.perf_counter()
         outputs = self._run(chunks)
         cost = time.perf_counter() - t0

@@ -107,6 +107,7 @@ class EngineInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     chunk_samples: int = 1600
     notice: str = ""  # how it behaves, shown to users (e.g. "echo mode: I repeat what you say")
     backends: tuple[BackendStatus, ...] = ()
+    max_sessions: int = 0  # sessions one stage0 process can hold (model slots); 0 = unbounded
 
 
 class VadParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):

@@ -97,6 +97,12 @@ def validate(cfg: Config) -> Config:
             f"engine.name: unknown engine {cfg.engine.name!r}; known: {', '.join(engine_names())}"
             + config_rules.did_you_mean(cfg.engine.name, engine_names())
         )
+    if cfg.engine.name == "moshi" and cfg.stage0.max_batch < cfg.engines.moshi.max_sessions:
+        # A lockstep step covers every slot: a session left out of the batch would hear silence.
+        raise ConfigError(
+            f"stage0.max_batch ({cfg.stage0.max_batch}) must be at least engines.moshi.max_sessions "
+            f"({cfg.engines.moshi.max_sessions})"
+        )
     problems = config_rules.check(cfg)
     if bool(cfg.bus.control) != bool(cfg.bus.data):
         problems.append("bus.control and bus.data must be set together")

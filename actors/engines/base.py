@@ -78,9 +78,18 @@ class EngineError(Exception):
 
 
 class Thinker(abc.ABC):
-    """Stage0: listens to input chunks and decides, per chunk, listen or speak."""
+    """Stage0: listens to input chunks and decides, per chunk, listen or speak.
+
+    A *lockstep* thinker (``lockstep_grace_s`` > 0) steps every open session in each
+    ``step``, feeding its own silence to those absent from the batch. Stage0 then waits,
+    at most ``lockstep_grace_s`` after the oldest queued chunk arrived, until every
+    session that sent a chunk in the last ``lockstep_idle_s`` has one queued, so that a
+    session missing a step is a late client, not an artefact of arrival order.
+    """
 
     info: EngineInfo
+    lockstep_grace_s: float = 0.0  # 0: step whenever any session has input
+    lockstep_idle_s: float = 0.0
 
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load weights (from a local path); called once before warm_up."""

@@ -10,6 +10,7 @@ import msgspec
 from duplexd.actors.engines.base import Talker, Thinker
 from duplexd.actors.engines.cascade import CascadeOptions, CascadeTalker, CascadeThinker
 from duplexd.actors.engines.cascade import requirements as cascade_requirements
+from duplexd.actors.engines.moshi import MoshiOptions
 from duplexd.actors.engines.scripted import ScriptedOptions, ScriptedTalker, ScriptedThinker
 
 
@@ -18,14 +19,31 @@ class EngineOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     scripted: ScriptedOptions = ScriptedOptions()
     cascade: CascadeOptions = CascadeOptions()
+    moshi: MoshiOptions = MoshiOptions()
 
 
 ThinkerFactory = Callable[[Any], Thinker]
 TalkerFactory = Callable[[Any], Talker]
 
+
+# Model engines import torch and transformers only when built, so that importing the
+# registry (config loading, every role) stays light.
+def _moshi_thinker(opts: MoshiOptions) -> Thinker:
+    from duplexd.actors.engines.moshi.thinker import MoshiThinker
+
+    return MoshiThinker(opts)
+
+
+def _moshi_talker(opts: MoshiOptions) -> Talker:
+    from duplexd.actors.engines.moshi.talker import MoshiTalker
+
+    return MoshiTalker(opts)
+
+
 _ENGINES: dict[str, tuple[str, ThinkerFactory, TalkerFactory]] = {
     "scripted": ("scripted", ScriptedThinker, ScriptedTalker),
     "cascade": ("cascade", CascadeThinker, CascadeTalker),
+    "moshi": ("moshi", _moshi_thinker, _moshi_talker),
 }
 
 
