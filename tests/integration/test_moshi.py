@@ -89,6 +89,14 @@ async def all_decided(c: NativeClient, n: int, within_s: float = 60.0) -> list[d
     return decisions(c)
 
 
+async def all_heard(c: NativeClient, n: int) -> None:
+    """The first ``n`` chunks are decided and the audio of every speak among them has
+    arrived (stage1 delivers it after the decision: one 80 ms frame per speak)."""
+    got = await all_decided(c, n)
+    speaks = sum(e["type"] == "response.speak" for e in got[:n])
+    await c.wait_for(lambda e: sum(f.pcm.size for f in c.audio) >= speaks * FRAME)
+
+
 def trace(c: NativeClient) -> list[tuple[int, str, str]]:
     """Per chunk: (chunk_seq, decision, text)."""
     return [(e["chunk_seq"], e["type"], e.get("text", "")) for e in decisions(c)]
@@ -101,8 +109,7 @@ def audio(c: NativeClient) -> np.ndarray:
 async def solo(server: ServerProcess, x: np.ndarray) -> tuple[list, np.ndarray]:
     c = await duplex(server)
     await c.stream(x, frame_ms=80)
-    await all_decided(c, len(x) // FRAME)
-    await asyncio.sleep(0)
+    await all_heard(c, len(x) // FRAME)
     tr, pcm = trace(c), audio(c)
     await c.close()
     return tr, pcm
@@ -169,8 +176,8 @@ async def test_two_sessions_batched_give_what_each_gives_alone(server: ServerPro
     a, b = await duplex(server), await duplex(server)
     # Real-time microphones, each at its own pace: every step must wait for both.
     await asyncio.gather(a.stream(xa, frame_ms=20, realtime=1.0), b.stream(xb, frame_ms=20, realtime=1.0))
-    await all_decided(a, FRAMES)
-    await all_decided(b, FRAMES)
+    await all_heard(a, FRAMES)
+    await all_heard(b, FRAMES)
     for c, (tr, pcm) in ((a, alone_a), (b, alone_b)):
         assert trace(c) == tr
         got = audio(c)
@@ -192,7 +199,7 @@ async def test_a_session_closing_mid_batch_does_not_disturb_the_other(server: Se
     bsend.cancel()
     await b.close()  # leaves while a is mid-stream
     await send
-    await all_decided(a, FRAMES)
+    await all_heard(a, FRAMES)
     assert trace(a) == alone_a[0]
     got = audio(a)
     assert got.size == alone_a[1].size

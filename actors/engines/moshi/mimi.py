@@ -117,11 +117,17 @@ def _seanet_ops(seanet: nn.Module, slots: int, device: torch.device, dtype: torc
         elif name == "MimiResnetBlock":
             ops.append(_resnet(layer, slots, device, dtype))
         elif isinstance(layer, nn.ELU):
-            alpha = layer.alpha
-            ops.append(lambda x, fresh, a=alpha: F.elu(x, a))
+            ops.append(_elu(float(layer.alpha)))
         else:
             raise NotImplementedError(f"unexpected Mimi SEANet layer {name}")
     return ops
+
+
+def _elu(alpha: float) -> Op:
+    def op(x: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        return F.elu(x, alpha)
+
+    return op
 
 
 def _resnet(block: nn.Module, slots: int, device: torch.device, dtype: torch.dtype) -> Op:

@@ -86,7 +86,7 @@ class _State:
         self.last_listen = torch.zeros(n, dtype=torch.float32, **z)
         # between phases (static so separate graphs can hand over)
         self.ucodes = torch.zeros(n, codebooks, dtype=torch.int64, **z)
-        self.hidden: torch.Tensor | None = None
+        self.hidden = torch.zeros(0, **z)  # sized by the runner once the LM's width is known
         self.text_t = torch.zeros(n, dtype=torch.int64, **z)
         self.listen_t = torch.zeros(n, dtype=torch.float32, **z)
         self.codes_t = torch.zeros(n, codebooks, dtype=torch.int64, **z)
@@ -241,9 +241,12 @@ class MoshiRunner:
         else:
             self._pcm_host[row, 0].copy_(torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)))
 
-    @torch.inference_mode()
     def step(self, rows: int) -> StepOutput:
         """Step rows ``[:rows]`` (rounded up to a bucket) with the staged inputs."""
+        with torch.inference_mode():
+            return self._step(rows)
+
+    def _step(self, rows: int) -> StepOutput:
         b = self.bucket_for(rows)
         s = self.s
         s.pcm_in[:b].copy_(self._pcm_host[:b], non_blocking=True)

@@ -24,20 +24,23 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from duplexd.actors.engines.base import EngineError, EngineStats, Thinker, ThinkerInput, ThinkerOutput
+from duplexd.actors.engines.base import EngineError, Thinker, ThinkerInput, ThinkerOutput
 from duplexd.actors.engines.moshi.options import MoshiOptions
 from duplexd.actors.engines.moshi.slots import SlotsExhausted, SlotTable
 from duplexd.actors.engines.moshi.text import TextStream
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, SessionConfig
 from duplexd.bus.metrics import REGISTRY
+
+if TYPE_CHECKING:  # torch stays out of this module's imports until load()
+    from duplexd.actors.engines.moshi.runner import MoshiRunner
 
 _log = get_logger(__name__)
 
@@ -95,9 +98,8 @@ class MoshiThinker(Thinker):
         self.lockstep_idle_s = opts.idle_after_ms / 1000
         self.slots = SlotTable(opts.max_sessions)
         self.sessions: dict[str, _Session] = {}
-        self.stats = EngineStats()
-        self.runner = None
-        self.tokenizer = None
+        self.runner: MoshiRunner | None = None
+        self.tokenizer: Any = None
         self._quiet_ids = frozenset({opts.text_pad_id, opts.text_epad_id})
 
     # ------------------------------------------------------------------ lifecycle
@@ -130,7 +132,7 @@ class MoshiThinker(Thinker):
         mode = "CUDA graphs" if runner.use_graphs else "eager"
         log(_log, logging.INFO, "moshi: warm", mode=mode, buckets=list(runner.buckets), warm_up_s=round(spent, 2))
 
-    def _runner(self):  # noqa: ANN202 - torch types stay out of this module's imports
+    def _runner(self) -> MoshiRunner:
         if self.runner is None:
             raise EngineError("the moshi engine is not loaded")
         return self.runner
@@ -148,7 +150,7 @@ class MoshiThinker(Thinker):
             ) from None
         seed = self.opts.seed if self.opts.seed >= 0 else int.from_bytes(os.urandom(4), "little")
         text = TextStream(self.tokenizer, self._quiet_ids)
-        self.sessions[session_id] = _Session(session_id, slot, config, text, seed)
+        self.sessions[session_id] = _Session(session_id, slot, config, text, seed=seed)
         SLOTS_IN_USE.set(len(self.sessions))
         log(_log, logging.INFO, "moshi slot leased", session_id=session_id, slot=slot, seed=seed)
 
@@ -188,16 +190,15 @@ class MoshiThinker(Thinker):
         for x in batch:
             if x.pcm.size != FRAME_SAMPLES:
                 raise EngineError(f"chunk of {x.pcm.size} samples; moshi takes {FRAME_SAMPLES}", x.session_id)
-        t0 = time.perf_counter()
         for s in self.sessions.values():
-            x = given.get(s.sid)
-            if x is not None and not s.started:
+            x_in = given.get(s.sid)
+            if x_in is not None and not s.started:
                 # Its stream joins the lockstep now: until its first chunk, its row computed
                 # nothing of its own (a fresh frame 0 makes the slot's old state unread).
                 s.started = True
                 runner.reset_slot(s.slot, s.seed)
-            runner.set_input(s.slot, x.pcm if x is not None else None)
-            self._controls(s, force=x is not None and x.force_listen)
+            runner.set_input(s.slot, x_in.pcm if x_in is not None else None)
+            self._controls(s, force=x_in is not None and x_in.force_listen)
         held = set(self.slots.held.values())
         for slot in range(self.slots.rows()):
             if slot not in held:
@@ -216,8 +217,7 @@ class MoshiThinker(Thinker):
             )
             s.frames += 1
             s.carry.append(frame)
-            x = given.get(s.sid)
-            if x is None:
+            if s.sid not in given:
                 SILENCE_FED.inc()
                 while len(s.carry) > max(1, self.opts.carry_frames):
                     s.carry.popleft()  # a session that stopped sending stops hearing
@@ -228,9 +228,6 @@ class MoshiThinker(Thinker):
             frames = list(s.carry)
             s.carry.clear()
             results.append(self._decide(s, x, frames))
-        self.stats.steps += 1
-        self.stats.items += len(batch)
-        self.stats.busy_s += time.perf_counter() - t0
         return results
 
     def _decide(self, s: _Session, x: ThinkerInput, frames: list[Frame]) -> ThinkerOutput:
