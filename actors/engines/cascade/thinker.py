@@ -28,6 +28,7 @@ import numpy as np
 
 from duplexd.actors.engines.base import EngineError, Thinker, ThinkerInput, ThinkerOutput
 from duplexd.actors.engines.cascade.asr import ASR_RATE, WhisperASR
+from duplexd.actors.engines.cascade.local_policy import LocalPolicy
 from duplexd.actors.engines.cascade.options import CascadeOptions
 from duplexd.actors.engines.cascade.policy import (
     ChatMessage,
@@ -115,6 +116,18 @@ class CascadeThinker(Thinker):
 
     def _make_policy(self) -> ReplyPolicy:
         o = self.opts
+        if o.policy == "local":
+            return LocalPolicy(
+                o.local_model,
+                o.local_cache_dir,
+                o.local_threads,
+                o.local_compute_type,
+                o.local_max_tokens,
+                o.local_temperature_cap,
+                o.local_context_tokens,
+                o.local_max_batch,
+                o.tts_max_sentence_chars,
+            )
         if o.policy == "openai-chat":
             key = o.openai_api_key or (os.environ.get(o.openai_api_key_env, "") if o.openai_api_key_env else "")
             return OpenAIChatPolicy(
@@ -138,8 +151,8 @@ class CascadeThinker(Thinker):
         )
         SileroDetector(self.opts.vad_threshold, self.opts.end_silence_ms)  # fails here, not on the first client
         log(_log, logging.INFO, "cascade: VAD loaded (Silero)", load_s=round(time.perf_counter() - t1, 3))
-        where = {"url": self.opts.openai_url, "model": self.opts.openai_model} if self.policy.name != "echo" else {}
-        log(_log, logging.INFO, "cascade: reply policy ready", policy=self.policy.name, **where)
+        self.policy.load()
+        log(_log, logging.INFO, "cascade: reply policy ready", policy=self.policy.name, **self.policy.describe())
 
     def warm_up(self) -> None:
         if not self.opts.warm_up:
@@ -150,6 +163,7 @@ class CascadeThinker(Thinker):
         self.asr.transcribe(noise)
         det = SileroDetector(self.opts.vad_threshold, self.opts.end_silence_ms)
         det.feed(noise)
+        self.policy.warm_up()
         log(_log, logging.INFO, "cascade: thinker warm", warm_up_s=round(time.perf_counter() - t0, 3))
 
     def open_session(self, session_id: str, config: SessionConfig) -> None:
