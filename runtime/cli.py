@@ -3,6 +3,7 @@
 duplexd serve [--config FILE] [--host H] [--port P] [--engine NAME]
 duplexd run ROLE [--config FILE] [...]      (ROLE: host, stage0, stage1, adapter)
 duplexd check-config [--config FILE]
+duplexd prepare-models [--config FILE]     (convert the local reply model now, not at first start)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("role", choices=("host", "stage0", "stage1", "adapter"))
     common(run)
     common(sub.add_parser("check-config", help="validate a config and print it as JSON"))
+    common(sub.add_parser("prepare-models", help="convert the cascade's local reply model into the cache now"))
     sub.add_parser("version", help="print versions")
     return p
 
@@ -53,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(full_builtins(cfg)).decode(), indent=2) + "\n")
         return 0
+    if args.command == "prepare-models":
+        from duplexd.actors.engines.cascade.model_cache import prepare_command
+
+        c = cfg.engines.cascade
+        return prepare_command(c.policy, c.local_model, c.local_cache_dir, lambda m: print(m, file=sys.stderr))
     if args.command == "serve":
         from duplexd.runtime.supervisor import Supervisor
 

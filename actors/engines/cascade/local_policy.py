@@ -81,6 +81,10 @@ class LocalReply(ReplyStream, TokenSink):
         if piece:
             self.text += piece
             sentences = self._splitter.push(clean_for_speech(piece))
+            if not sentences and not self._sentences:
+                # The first words of a reply: speak its first clause as soon as it is complete.
+                clause = self._splitter.take_clause()
+                sentences = [clause] if clause else []
             if sentences:
                 with self._lock:
                     if not self._cancelled.is_set():

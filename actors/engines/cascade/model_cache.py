@@ -197,3 +197,18 @@ def prepare(
         size_mb = sum(p.stat().st_size for p in entry.iterdir()) / 1e6
         say(f"converted in {res.seconds:.1f} s: {entry} ({size_mb:.0f} MB)")
         return PreparedModel(entry, res.chat, str(src), True, round(time.perf_counter() - t0, 3))
+
+
+def prepare_command(policy: str, local_model: str, cache_dir: str, out: Callable[[str], None]) -> int:
+    """``duplexd prepare-models``: convert now what the first start would (exit status)."""
+    if policy != "local":
+        out(f"nothing to prepare: the cascade reply policy is {policy!r}, not 'local'")
+        return 0
+    try:
+        got = prepare(local_model, cache_dir, progress=lambda msg: out(f"local model: {msg}"))
+    except ModelPrepError as exc:
+        out(f"duplexd: {exc}")
+        return 1
+    state = "converted" if got.converted else "already prepared"
+    out(f"local model {state}: {got.path} (from {got.source}, chat format {got.chat.name}, {got.seconds:.1f} s)")
+    return 0
