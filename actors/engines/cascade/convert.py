@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from duplexd.actors.engines.cascade import gguf_file
+from duplexd.actors.engines.cascade.gguf_file import GgufTensor
+
 ARCHITECTURES = ("llama", "qwen2")
 # GGUF token types (llama.cpp's llama_token_type)
 _TOKEN_CONTROL = 3
@@ -102,7 +105,7 @@ class GgufModel:
 
     arch: str
     meta: dict[str, Any]
-    reader: Any  # gguf.GGUFReader (memory-mapped)
+    tensors: list[GgufTensor]  # data memory-mapped
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.meta.get(key, default)
@@ -111,34 +114,24 @@ class GgufModel:
         """An architecture hyperparameter, e.g. ``hp("block_count")`` → ``llama.block_count``."""
         return self.meta.get(f"{self.arch}.{key}", default)
 
-    def tensor_names(self) -> set[str]:
-        return {t.name for t in self.reader.tensors}
-
 
 def read_gguf(path: str | Path) -> GgufModel:
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
+        meta, tensors = gguf_file.read(path)
+    except (ValueError, OSError, KeyError) as exc:
         raise ConversionError(f"{path}: not a readable GGUF file ({exc})") from exc
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
     arch = meta.get("general.architecture", "")
     if arch not in ARCHITECTURES:
         raise ConversionError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
-    return GgufModel(arch, meta, reader)
+    return GgufModel(arch, meta, tensors)
 
 
-def _dequantized(reader: Any) -> dict[str, np.ndarray]:
-    """Name → float32 array in PyTorch layout (rows = output features); views where possible."""
+def _dequantized(tensors: list[GgufTensor]) -> dict[str, np.ndarray]:
+    """Name → float32 array in PyTorch layout (rows = output features)."""
     from gguf.quants import dequantize
 
     out: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
+    for t in tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the innermost dimension first
         out[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
     return out
@@ -321,9 +314,9 @@ def convert_gguf(
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
     m = read_gguf(src)
-    say(f"read {Path(src).name}: {m.arch}, {m.hp('block_count')} layers, {len(m.reader.tensors)} tensors")
+    say(f"read {Path(src).name}: {m.arch}, {m.hp('block_count')} layers, {len(m.tensors)} tensors")
     tokenizer, vocab = build_tokenizer(m)
-    weights = _dequantized(m.reader)
+    weights = _dequantized(m.tensors)
     params = sum(int(a.size) for n, a in weights.items() if n != "rope_freqs.weight")
     say(f"dequantized {params / 1e6:.0f}M parameters")
     # Above ~1B parameters keep the dequantized copy in float16: it halves peak memory and

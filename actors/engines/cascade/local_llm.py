@@ -27,6 +27,7 @@ from duplexd.actors.engines.cascade.model_cache import PreparedModel
 from duplexd.bus.log import get_logger, log
 
 _log = get_logger(__name__)
+_MAX_CACHED_PREFIXES = 16  # distinct system prompts whose prefilled state stays cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +36,17 @@ class Turn:
     content: str
 
 
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    prefix: tuple[int, ...]  # BOS + system turn: cacheable
+    rest: list[int]  # history, the newest user turn, the assistant header
+
+
 class TokenSink(abc.ABC):
     """What a generation request streams into (the policy's reply stream implements it)."""
 
-    prompt: list[str]  # token strings
+    prefix: tuple[str, ...]  # token strings of the cacheable prompt prefix
+    prompt: list[str]  # token strings of the rest of the prompt
     temperature: float
 
     @abc.abstractmethod
@@ -65,6 +73,7 @@ class LocalLM:
         max_tokens: int = 72,
         context_tokens: int = 2048,
         max_batch: int = 8,
+        history_tokens: int = 192,
     ) -> None:
         self.model = model
         self.chat: ChatFormat = model.chat
@@ -73,6 +82,8 @@ class LocalLM:
         self.max_tokens = max_tokens
         self.context_tokens = context_tokens
         self.max_batch = max_batch
+        self.history_tokens = history_tokens
+        self._cached_prefixes: set[tuple[str, ...]] = set()
         self.generator: Any = None
         self.tokenizer: Any = None
         self._vocab: list[str] = []
@@ -143,31 +154,40 @@ class LocalLM:
             self._ids("\n\n")
         )
 
-    def prompt_ids(self, turns: list[Turn]) -> list[int]:
+    def prompt(self, turns: list[Turn]) -> Prompt:
         """The chat prompt in token ids, ending where the assistant's reply starts.
 
-        Over ``context_tokens - max_tokens`` the oldest turns after the system prompt are
-        dropped (the newest user turn always stays, cut from its start if it alone is too long).
+        ``prefix`` is the BOS and the system turn: the same for every turn of a session, so
+        CTranslate2 keeps its state cached. The rest holds the newest user turn (always,
+        cut from its start if it alone is over budget) after as much of the history as fits
+        in ``history_tokens`` (prefill cost grows with the prompt: this bounds the latency
+        of a long conversation) and ``context_tokens - max_tokens``; oldest turns go first.
         """
         budget = max(16, self.context_tokens - self.max_tokens)
         head = [self._special(self.chat.bos)] if self.chat.bos else []
         system = [t for t in turns[:1] if t.role == "system"]
-        rest = turns[len(system) :]
-        sys_ids = self._turn_ids(system[0]) if system else []
+        prefix = head + (self._turn_ids(system[0]) if system else [])
+        parts = [self._turn_ids(t) for t in turns[len(system) :]]
         tail = self._reply_ids()
-        parts = [self._turn_ids(t) for t in rest]
-        fixed = len(head) + len(sys_ids) + len(tail)
         keep: list[list[int]] = []
-        used = fixed
+        used = len(prefix) + len(tail)
+        history = 0
         for ids in reversed(parts):
-            if used + len(ids) > budget and keep:
+            if keep and (used + len(ids) > budget or history + len(ids) > self.history_tokens):
                 break
+            if keep:
+                history += len(ids)
             keep.append(ids)
             used += len(ids)
         keep.reverse()
         if keep and used > budget:
-            keep[0] = keep[0][-max(1, budget - fixed) :]
-        return head + sys_ids + [i for ids in keep for i in ids] + tail
+            keep[0] = keep[0][-max(1, budget - len(prefix) - len(tail)) :]
+        return Prompt(tuple(prefix), [i for ids in keep for i in ids] + tail)
+
+    def prompt_ids(self, turns: list[Turn]) -> list[int]:
+        """The whole prompt (prefix + rest) in token ids."""
+        p = self.prompt(turns)
+        return [*p.prefix, *p.rest]
 
     def tokens(self, ids: list[int]) -> list[str]:
         """Token strings for CTranslate2's vocabulary (its generate API takes strings)."""
@@ -194,25 +214,16 @@ class LocalLM:
             self._queue.append(req)
             self._cv.notify()
 
-    def generate_now(self, prompt: list[str], max_tokens: int) -> list[int]:
-        """A blocking generation (warm-up, tests): the ids of the reply without its end token."""
-        res = self.generator.generate_batch(
-            [prompt],
-            max_length=max_tokens,
-            include_prompt_in_result=False,
-            end_token=list(self.chat.end_tokens),
-            sampling_topk=1,
-        )
-        return [i for i in res[0].sequences_ids[0] if i not in self._end_ids]
-
     def _take(self) -> list[TokenSink] | None:
         with self._cv:
             while not self._queue and not self._closed:
                 self._cv.wait()
             if self._closed:
                 return None
-            temp = self._queue[0].temperature
-            batch = [r for r in self._queue if r.temperature == temp][: self.max_batch]
+            # One call shares one temperature and one cached prefix (CTranslate2 options are per call).
+            first = self._queue[0]
+            batch = [r for r in self._queue if r.temperature == first.temperature and r.prefix == first.prefix]
+            batch = batch[: self.max_batch]
             for r in batch:
                 self._queue.remove(r)
         live = []
@@ -241,18 +252,28 @@ class LocalLM:
             stopped[i] = batch[i].accept(step.token_id)
             return stopped[i]
 
-        temp = batch[0].temperature
-        sampling = {"sampling_topk": 1} if temp <= 0 else {"sampling_topk": 50, "sampling_temperature": temp}
+        temp, prefix = batch[0].temperature, batch[0].prefix
+        opts: dict[str, Any] = (
+            {"sampling_topk": 1} if temp <= 0 else {"sampling_topk": 50, "sampling_temperature": temp}
+        )
+        # CTranslate2 keeps the state after a static prompt for good (it has no eviction), so
+        # only a bounded number of distinct system prompts are cached; others are prefilled.
+        if prefix in self._cached_prefixes or len(self._cached_prefixes) < _MAX_CACHED_PREFIXES:
+            self._cached_prefixes.add(prefix)
+            opts["static_prompt"] = list(prefix)
+            prompts = [r.prompt for r in batch]
+        else:
+            prompts = [[*prefix, *r.prompt] for r in batch]
         self.batches += 1
         t0 = time.perf_counter()
         try:
             self.generator.generate_batch(
-                [r.prompt for r in batch],
+                prompts,
                 max_length=self.max_tokens,
                 include_prompt_in_result=False,
                 end_token=list(self.chat.end_tokens),
                 callback=on_step,
-                **sampling,
+                **opts,
             )
         except Exception as exc:
             log(_log, logging.ERROR, "local model: generation failed", error=f"{type(exc).__name__}: {exc}")

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import Any
 
-from duplexd.actors.engines.cascade.local_llm import LocalLM, TokenSink, Turn
+from duplexd.actors.engines.cascade.local_llm import LocalLM, Prompt, TokenSink, Turn
 from duplexd.actors.engines.cascade.model_cache import prepare
 from duplexd.actors.engines.cascade.policy import ChatMessage, Polled, ReplyPolicy, ReplyStream
 from duplexd.actors.engines.cascade.text import SentenceSplitter, clean_for_speech
@@ -30,8 +30,9 @@ _log = get_logger(__name__)
 class LocalReply(ReplyStream, TokenSink):
     """One reply of the local model: fed token by token by the generator thread, polled by stage0."""
 
-    def __init__(self, lm: LocalLM, prompt_ids: list[int], temperature: float, max_chars: int) -> None:
-        self.prompt = lm.tokens(prompt_ids)
+    def __init__(self, lm: LocalLM, prompt: Prompt, temperature: float, max_chars: int) -> None:
+        self.prefix = tuple(lm.tokens(list(prompt.prefix)))
+        self.prompt = lm.tokens(prompt.rest)
         self.temperature = temperature
         self._decode = lm.decoder()
         self._splitter = SentenceSplitter(max_chars)
@@ -48,6 +49,7 @@ class LocalReply(ReplyStream, TokenSink):
         self._sentences = 0
         self._started = time.monotonic()
         self._first_at: float | None = None
+        self._first_text_at: float | None = None
 
     # ------------------------------------------------------------------ stage0 side
     def poll(self) -> Polled:
@@ -90,6 +92,8 @@ class LocalReply(ReplyStream, TokenSink):
                     if not self._cancelled.is_set():
                         self._ready.extend(sentences)
                         self._sentences += len(sentences)
+                if self._first_text_at is None:
+                    self._first_text_at = time.monotonic()
         return self._cancelled.is_set()
 
     def finish(self, reason: str, error: str | None = None) -> None:
@@ -112,8 +116,9 @@ class LocalReply(ReplyStream, TokenSink):
             reason=self.reason,
             tokens=self.generated,
             tokens_after_cancel=self.after_cancel,
-            prompt_tokens=len(self.prompt),
+            prompt_tokens=len(self.prefix) + len(self.prompt),
             first_token_s=None if self._first_at is None else round(self._first_at - self._started, 3),
+            first_text_s=None if self._first_text_at is None else round(self._first_text_at - self._started, 3),
             total_s=round(total, 3),
             chars=len(self.text),
             error=error,
@@ -137,6 +142,8 @@ class LocalPolicy(ReplyPolicy):
         context_tokens: int = 2048,
         max_batch: int = 8,
         max_chars: int = 200,
+        history_tokens: int = 192,
+        system_prompt: str = "",
     ) -> None:
         self.model = model
         self.cache_dir = cache_dir
@@ -147,12 +154,22 @@ class LocalPolicy(ReplyPolicy):
         self.context_tokens = context_tokens
         self.max_batch = max_batch
         self.max_chars = max_chars
+        self.history_tokens = history_tokens
+        self.system_prompt = system_prompt  # the usual one: warm_up caches its prefilled state
         self.lm: LocalLM | None = None
 
     def load(self) -> None:
         prepared = prepare(self.model, self.cache_dir)
         t0 = time.perf_counter()
-        lm = LocalLM(prepared, self.threads, self.compute_type, self.max_tokens, self.context_tokens, self.max_batch)
+        lm = LocalLM(
+            prepared,
+            self.threads,
+            self.compute_type,
+            self.max_tokens,
+            self.context_tokens,
+            self.max_batch,
+            self.history_tokens,
+        )
         lm.load()
         self.lm = lm
         log(
@@ -168,8 +185,11 @@ class LocalPolicy(ReplyPolicy):
         )
 
     def warm_up(self) -> None:
-        lm = self._lm()
-        lm.generate_now(lm.tokens(lm.prompt_ids([Turn("user", "Hi.")])), 4)
+        # Through the real path: the default system prompt's state is then cached for the first turn.
+        system = [ChatMessage("system", self.system_prompt)] if self.system_prompt else []
+        reply = self.start([*system, ChatMessage("user", "Hi.")], 0.0)
+        if not reply.join(60.0):
+            raise RuntimeError("the local model did not answer its warm-up prompt within 60 s")
 
     def describe(self) -> dict[str, Any]:
         lm = self.lm
@@ -182,8 +202,8 @@ class LocalPolicy(ReplyPolicy):
 
     def start(self, messages: list[ChatMessage], temperature: float) -> LocalReply:
         lm = self._lm()
-        ids = lm.prompt_ids([Turn(m.role, m.content) for m in messages])
-        reply = LocalReply(lm, ids, max(0.0, min(temperature, self.temperature_cap)), self.max_chars)
+        prompt = lm.prompt([Turn(m.role, m.content) for m in messages])
+        reply = LocalReply(lm, prompt, max(0.0, min(temperature, self.temperature_cap)), self.max_chars)
         lm.submit(reply)
         return reply
 

@@ -38,6 +38,7 @@ class CascadeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     local_max_tokens: int = 72  # reply cap: a spoken reply is a few sentences
     local_temperature_cap: float = 0.0  # the session temperature is capped at this (0: greedy)
     local_context_tokens: int = 2048  # older turns are dropped beyond this
+    local_history_tokens: int = 192  # at most this much history in a prompt (prefill cost = latency)
     local_max_batch: int = 8  # sessions decoded together in one generation step
     echo_template: str = "You said: {transcript}"
     empty_reply: str = "Sorry, I did not catch that."
@@ -47,6 +48,7 @@ class CascadeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     openai_api_key_env: str = "DUPLEXD_CHAT_API_KEY"  # read when openai_api_key is empty
     openai_max_tokens: int = 256
     openai_timeout_s: float = 30.0
+    # system prompt of openai-chat and local when the session has no instructions
     openai_system_prompt: str = (
         "You are a friendly voice assistant. Answer in one to three short spoken sentences, "
         "in plain words, without lists, markdown or emoji."
@@ -72,6 +74,8 @@ class CascadeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("tts_max_sentence_chars must be at least 20")
         if not 8 <= self.local_max_tokens <= 4096 or self.local_context_tokens < 2 * self.local_max_tokens:
             raise ValueError("local_max_tokens must be 8..4096 and local_context_tokens at least twice it")
+        if self.local_history_tokens < 0:
+            raise ValueError("local_history_tokens must be >= 0")
         if not 0.0 <= self.local_temperature_cap <= 2.0 or self.local_threads < 0 or self.local_max_batch < 1:
             raise ValueError("local_temperature_cap must be 0..2, local_threads >= 0, local_max_batch >= 1")
         if self.policy == "openai-chat" and not self.openai_url.startswith(("http://", "https://")):

@@ -127,6 +127,8 @@ class CascadeThinker(Thinker):
                 o.local_context_tokens,
                 o.local_max_batch,
                 o.tts_max_sentence_chars,
+                o.local_history_tokens,
+                o.openai_system_prompt,
             )
         if o.policy == "openai-chat":
             key = o.openai_api_key or (os.environ.get(o.openai_api_key_env, "") if o.openai_api_key_env else "")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from duplexd.actors.engines.cascade import convert, model_cache
 from duplexd.actors.engines.cascade.convert import ConversionError, convert_gguf, unpermute_qk
+from tests.harness import REPO, write_config
 from tests.unit.actors.gguf_kit import CHATML, CORPUS, N_HEAD, TinyModel, build, permute, permute_inverse
 
 pytest.importorskip("gguf")
@@ -192,3 +195,22 @@ def test_cache_home_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert model_cache.default_cache_dir() == tmp_path / "home" / ".cache" / "duplexd" / "models"
+
+
+def test_prepare_models_command_converts_once_and_reports_errors(tmp_path: Path, llama: TinyModel) -> None:
+    def run(**cascade: str) -> subprocess.CompletedProcess[str]:
+        cfg = tmp_path / "c.toml"
+        write_config(cfg, {"engines.cascade": cascade})
+        cmd = [sys.executable, "-m", "duplexd.runtime.cli", "prepare-models", "--config", str(cfg)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+
+    cache = str(tmp_path / "cache")
+    first = run(local_model=str(llama.path), local_cache_dir=cache)
+    assert first.returncode == 0, first.stderr
+    assert "local model: converting" in first.stderr and "local model converted:" in first.stderr
+    again = run(local_model=str(llama.path), local_cache_dir=cache)
+    assert again.returncode == 0 and "already prepared" in again.stderr and "converting" not in again.stderr
+    missing = run(local_model=str(tmp_path / "nope.gguf"), local_cache_dir=cache)
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+    echo = run(policy="echo")
+    assert echo.returncode == 0 and "nothing to prepare" in echo.stderr
