@@ -73,7 +73,7 @@ class LocalLM:
         max_tokens: int = 72,
         context_tokens: int = 2048,
         max_batch: int = 8,
-        history_tokens: int = 192,
+        history_tokens: int = 128,
     ) -> None:
         self.model = model
         self.chat: ChatFormat = model.chat

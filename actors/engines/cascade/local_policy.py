@@ -142,7 +142,7 @@ class LocalPolicy(ReplyPolicy):
         context_tokens: int = 2048,
         max_batch: int = 8,
         max_chars: int = 200,
-        history_tokens: int = 192,
+        history_tokens: int = 128,
         system_prompt: str = "",
     ) -> None:
         self.model = model

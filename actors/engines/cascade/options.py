@@ -38,7 +38,7 @@ class CascadeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     local_max_tokens: int = 72  # reply cap: a spoken reply is a few sentences
     local_temperature_cap: float = 0.0  # the session temperature is capped at this (0: greedy)
     local_context_tokens: int = 2048  # older turns are dropped beyond this
-    local_history_tokens: int = 192  # at most this much history in a prompt (prefill cost = latency)
+    local_history_tokens: int = 128  # at most this much history in a prompt (prefill cost = latency)
     local_max_batch: int = 8  # sessions decoded together in one generation step
     echo_template: str = "You said: {transcript}"
     empty_reply: str = "Sorry, I did not catch that."
