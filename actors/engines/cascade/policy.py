@@ -1,10 +1,11 @@
 """Reply policies: what the cascade says back to what it heard.
 
 A policy turns the conversation into a :class:`ReplyStream` of sentences. The thinker
-polls the stream once per step and never waits: ``echo`` answers at once, and
+polls the stream once per step and never waits: ``echo`` answers at once,
 ``openai-chat`` streams from an OpenAI-compatible ``/chat/completions`` endpoint (a
-local vLLM or llama.cpp server) in a background thread, so the first sentence goes to
-the voice while the rest is still being generated.
+local vLLM or llama.cpp server) in a background thread, and ``local`` (local_policy.py)
+generates in-process on CTranslate2 in a background thread; either way the first
+sentence goes to the voice while the rest is still being generated.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ class ReplyPolicy(abc.ABC):
     @abc.abstractmethod
     def start(self, messages: list[ChatMessage], temperature: float) -> ReplyStream:
         """Begin a reply to ``messages`` (system prompt first, newest user turn last)."""
+
+    def load(self) -> None:  # noqa: B027 - nothing to load by default
+        """Prepare and load models (stage0 start, before READY)."""
+
+    def warm_up(self) -> None:  # noqa: B027 - nothing to warm by default
+        """One throwaway pass so the first client does not pay for lazy initialisation."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the start-up log says about this policy."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release resources (stage0 shutdown)."""
@@ -283,6 +294,9 @@ class OpenAIChatPolicy(ReplyPolicy):
         self.timeout_s = timeout_s
         self.max_chars = max_chars
         self._streams: set[_ChatStream] = set()
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.endpoint, "model": self.model}
 
     def start(self, messages: list[ChatMessage], temperature: float) -> ReplyStream:
         body: dict[str, object] = {

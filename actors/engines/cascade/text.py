@@ -79,6 +79,17 @@ class SentenceSplitter:
             self._buf = self._buf[cut:].lstrip()
         return out
 
+    def take_clause(self, min_words: int = 3) -> str:
+        """The pending text up to its first clause mark (", " "; " ": "), if at least
+        ``min_words`` words precede it; "" otherwise. Lets a reply's first words reach the
+        voice before its first sentence is complete."""
+        for m in _CLAUSE.finditer(self._buf):
+            head = self._buf[: m.start() + 1].strip()
+            if len(head.split()) >= min_words:
+                self._buf = self._buf[m.end() :]
+                return head
+        return ""
+
     def flush(self) -> list[str]:
         out: list[str] = []
         self._add(out, self._buf)

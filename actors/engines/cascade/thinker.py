@@ -29,6 +29,7 @@ import numpy as np
 
 from duplexd.actors.engines.base import EngineError, Thinker, ThinkerInput, ThinkerOutput
 from duplexd.actors.engines.cascade.asr import ASR_RATE, WhisperASR
+from duplexd.actors.engines.cascade.local_policy import LocalPolicy
 from duplexd.actors.engines.cascade.options import CascadeOptions
 from duplexd.actors.engines.cascade.policy import (
     ChatMessage,
@@ -45,6 +46,7 @@ from duplexd.bus.messages import Action, ChunkKind, EngineInfo, HistoryEntry, Se
 
 _log = get_logger(__name__)
 ECHO_NOTICE = "echo mode: I repeat what you say"
+TINY_MODEL_NOTICE = "built-in tiny model (SmolLM2-135M): it makes things up"
 _ROLES = ("system", "user", "assistant")
 VAD_WINDOW = 512  # Silero's window at 16 kHz
 
@@ -116,6 +118,20 @@ class CascadeThinker(Thinker):
 
     def _make_policy(self) -> ReplyPolicy:
         o = self.opts
+        if o.policy == "local":
+            return LocalPolicy(
+                o.local_model,
+                o.local_cache_dir,
+                o.local_threads,
+                o.local_compute_type,
+                o.local_max_tokens,
+                o.local_temperature_cap,
+                o.local_context_tokens,
+                o.local_max_batch,
+                o.tts_max_sentence_chars,
+                o.local_history_tokens,
+                o.openai_system_prompt,
+            )
         if o.policy == "openai-chat":
             key = o.openai_api_key or (os.environ.get(o.openai_api_key_env, "") if o.openai_api_key_env else "")
             return OpenAIChatPolicy(
@@ -139,6 +155,7 @@ class CascadeThinker(Thinker):
         )
         SileroDetector(self.opts.vad_threshold, self.opts.end_silence_ms)  # fails here, not on the first client
         log(_log, logging.INFO, "cascade: VAD loaded (Silero)", load_s=round(time.perf_counter() - t1, 3))
+        self.policy.load()
         self._announce_policy()
 
     def _announce_policy(self) -> None:
@@ -149,8 +166,11 @@ class CascadeThinker(Thinker):
             log(
                 _log,
                 logging.WARNING,
-                f"{ECHO_NOTICE} (engines.cascade.policy = 'echo'; set 'openai-chat' to answer with a language model)",
+                f"{ECHO_NOTICE} (engines.cascade.policy = 'echo'; set 'local' or 'openai-chat' to answer)",
             )
+        elif self.policy.name == "local" and not self.opts.local_model:
+            notice = TINY_MODEL_NOTICE
+            log(_log, logging.WARNING, f"{TINY_MODEL_NOTICE} (set engines.cascade.local_model to a better GGUF)")
         probed = self.policy.probe()
         backends = (probed,) if probed is not None else ()
         if probed is not None:
@@ -166,7 +186,7 @@ class CascadeThinker(Thinker):
                 detail=probed.detail,
             )
         else:
-            log(_log, logging.INFO, "cascade: reply policy ready", policy=self.policy.name)
+            log(_log, logging.INFO, "cascade: reply policy ready", policy=self.policy.name, **self.policy.describe())
         self.info = msgspec.structs.replace(self.info, notice=notice, backends=backends)
 
     def warm_up(self) -> None:
@@ -178,6 +198,7 @@ class CascadeThinker(Thinker):
         self.asr.transcribe(noise)
         det = SileroDetector(self.opts.vad_threshold, self.opts.end_silence_ms)
         det.feed(noise)
+        self.policy.warm_up()
         log(_log, logging.INFO, "cascade: thinker warm", warm_up_s=round(time.perf_counter() - t0, 3))
 
     def open_session(self, session_id: str, config: SessionConfig) -> None:

@@ -116,3 +116,15 @@ def test_words_per_chunk_covers_every_chunk_and_word() -> None:
     assert len(texts) == -(-22050 // 882)
     assert " ".join(t for t in texts if t).split() == ws
     assert words_per_chunk([], [], audio, 882) == [""] * len(texts)
+
+
+def test_take_clause_hands_out_a_first_clause_before_its_sentence_ends() -> None:
+    sp = SentenceSplitter()
+    assert sp.push("Paris is") == [] and sp.take_clause() == ""
+    assert sp.push(" a city of light, with") == []
+    assert sp.take_clause() == "Paris is a city of light,"
+    assert sp.push(" old streets. Go") == ["with old streets."]
+    assert sp.take_clause() == "" and sp.flush() == ["Go"]
+    short = SentenceSplitter()
+    short.push("Yes, it is")
+    assert short.take_clause() == ""  # "Yes," alone is too short to say first
