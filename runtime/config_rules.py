@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from duplexd.actors.engines.cascade.options import POLICIES
+from duplexd.actors.engines.moshi.options import DTYPES as MOSHI_DTYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,8 @@ class Range:
     lo_open: bool = False
 
     def check(self, v: Any) -> str | None:
+        if isinstance(v, list | tuple):  # a list of numbers: each within the range
+            return next((err for x in v if (err := self.check(x)) is not None), None)
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return f"{v} is {'not above' if self.lo_open else 'below'} {_num(self.lo)}"
         if self.hi is not None and v > self.hi:
@@ -197,6 +200,38 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "engines.cascade.pre_roll_ms": NON_NEGATIVE,
     "engines.cascade.max_utterance_ms": Range(1000),
     "engines.cascade.speech_chars_per_s": POSITIVE,
+    "engines.cascade.local_model": Text("path to a GGUF or a CTranslate2 directory"),
+    "engines.cascade.local_cache_dir": Text("path"),
+    "engines.cascade.local_threads": NON_NEGATIVE,
+    "engines.cascade.local_compute_type": OneOf(CT2_COMPUTE),
+    "engines.cascade.local_max_tokens": Range(8, 4096),
+    "engines.cascade.local_temperature_cap": Range(0, 2),
+    "engines.cascade.local_context_tokens": Range(16),
+    "engines.cascade.local_history_tokens": NON_NEGATIVE,
+    "engines.cascade.local_max_batch": AT_LEAST_ONE,
+    # [engines.moshi]
+    "engines.moshi.model_path": Text("path"),
+    "engines.moshi.tokenizer_path": Text("path"),
+    "engines.moshi.device": Pattern(r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N"),
+    "engines.moshi.dtype": OneOf(MOSHI_DTYPES),
+    "engines.moshi.mimi_dtype": OneOf(MOSHI_DTYPES),
+    "engines.moshi.cpu_threads": NON_NEGATIVE,
+    "engines.moshi.max_sessions": Range(1, 4096),
+    "engines.moshi.context_frames": Range(2),
+    "engines.moshi.buckets": AT_LEAST_ONE,
+    "engines.moshi.tick_grace_ms": NON_NEGATIVE,
+    "engines.moshi.idle_after_ms": NON_NEGATIVE,
+    "engines.moshi.carry_frames": NON_NEGATIVE,
+    "engines.moshi.temp_text": NON_NEGATIVE,
+    "engines.moshi.temp_audio": NON_NEGATIVE,
+    "engines.moshi.top_k_text": AT_LEAST_ONE,
+    "engines.moshi.top_k_audio": AT_LEAST_ONE,
+    "engines.moshi.seed": Range(-1),
+    "engines.moshi.text_pad_id": NON_NEGATIVE,
+    "engines.moshi.text_epad_id": NON_NEGATIVE,
+    "engines.moshi.speech_rms": NON_NEGATIVE,
+    "engines.moshi.hangover_frames": AT_LEAST_ONE,
+    "engines.moshi.cancel_mute_frames": NON_NEGATIVE,
     # [supervisor]
     "supervisor.restart_max": NON_NEGATIVE,
     "supervisor.restart_window_s": POSITIVE,
