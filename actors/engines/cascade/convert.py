@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from duplexd.actors.engines.cascade import gguf_file
-from duplexd.actors.engines.cascade.gguf_file import GgufTensor
+from duplexd.actors.engines.cascade.gguf_file import GgufTensor, read_gguf_file
 
 ARCHITECTURES = ("llama", "qwen2")
 # GGUF token types (llama.cpp's llama_token_type)
@@ -117,7 +116,7 @@ class GgufModel:
 
 def read_gguf(path: str | Path) -> GgufModel:
     try:
-        meta, tensors = gguf_file.read(path)
+        meta, tensors = read_gguf_file(path)
     except (ValueError, OSError, KeyError) as exc:
         raise ConversionError(f"{path}: not a readable GGUF file ({exc})") from exc
     arch = meta.get("general.architecture", "")
