@@ -5,6 +5,11 @@ Input audio is never epoch-dropped here: it is the user's voice and the model's 
 must hold all of it across barge-ins. A result carries the epoch of its chunk; the host
 ignores decisions of older epochs. On an epoch advance the engine discards only the
 output it had pending for the old epoch.
+
+A ContextUpdate takes effect in order with the session's chunks: the engine sees the
+history only after every chunk the host sent before it. Engines that keep working
+without input (a reply still being generated) are stepped with an empty batch, and
+their KV lease changes go to the host as ``KvLeaseReport``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from duplexd.bus.messages import (
     AudioChunk,
     ContextUpdate,
     EngineInfo,
+    KvLeaseReport,
     Role,
     SessionConfig,
     Stage0Result,
@@ -48,7 +54,7 @@ class Stage0Worker(StageWorker):
         super().__init__(addrs, opts, identity)
         self.thinker = thinker
         self.max_batch = max_batch
-        self.queues: dict[str, deque[AudioChunk]] = {}
+        self.queues: dict[str, deque[AudioChunk | ContextUpdate]] = {}
         self._rr = 0  # rotates which sessions go first when more than max_batch wait
 
     def engine_info(self) -> EngineInfo:
@@ -57,6 +63,7 @@ class Stage0Worker(StageWorker):
     def open_session(self, session_id: str, config: SessionConfig) -> None:
         self.thinker.open_session(session_id, config)
         self.queues[session_id] = deque()
+        self._report_leases()
 
     def update_session(self, session_id: str, config: SessionConfig) -> None:
         self.thinker.update_session(session_id, config)
@@ -64,6 +71,13 @@ class Stage0Worker(StageWorker):
     def close_session(self, session_id: str) -> None:
         self.queues.pop(session_id, None)
         self.thinker.close_session(session_id)
+        self._report_leases()
+
+    def _report_leases(self) -> None:
+        if self.chan is None:
+            return
+        for lease in self.thinker.lease_updates():
+            self.send_control(KvLeaseReport(lease.session_id, self.epochs.get(lease.session_id, 0), lease))
 
     def advance_epoch(self, session_id: str) -> None:
         self.thinker.discard_pending(session_id)
@@ -80,34 +94,59 @@ class Stage0Worker(StageWorker):
         if isinstance(msg, AudioChunk):
             self.queues[msg.session_id].append(msg)
         elif isinstance(msg, ContextUpdate):
-            try:
-                self.thinker.set_context(msg.session_id, msg.history, msg.instructions)
-            except Exception as exc:
-                self.report_error(msg.session_id, "context_failed", f"{type(exc).__name__}: {exc}")
+            q = self.queues[msg.session_id]
+            if q:
+                q.append(msg)  # after the chunks sent before it
+            else:
+                self._set_context(msg)
+
+    def _set_context(self, msg: ContextUpdate) -> None:
+        try:
+            self.thinker.set_context(msg.session_id, msg.history, msg.instructions)
+        except Exception as exc:
+            self.report_error(msg.session_id, "context_failed", f"{type(exc).__name__}: {exc}")
 
     def has_work(self) -> bool:
-        return any(self.queues.values())
+        return any(self.queues.values()) or self.thinker.has_background_work()
+
+    def next_due_s(self) -> float | None:
+        return self.thinker.next_due_s()
+
+    def _take(self, sid: str) -> AudioChunk | None:
+        q = self.queues[sid]
+        while q and isinstance(q[0], ContextUpdate):
+            self._set_context(q.popleft())  # type: ignore[arg-type]
+        return q.popleft() if q else None  # type: ignore[return-value]
 
     def step(self) -> None:
         waiting = [sid for sid, q in self.queues.items() if q]
         if len(waiting) > self.max_batch:
             self._rr = (self._rr + 1) % len(waiting)
             waiting = (waiting[self._rr :] + waiting[: self._rr])[: self.max_batch]
-        chunks = [self.queues[sid].popleft() for sid in waiting]
+        chunks = [c for c in (self._take(sid) for sid in waiting) if c is not None]
         t0 = time.perf_counter()
-        outputs = self._run(chunks)
+        outputs = self._run(chunks) if chunks or self.thinker.has_background_work() else []
         cost = time.perf_counter() - t0
-        STEP_SECONDS.labels(stage="stage0").observe(cost)
-        STEP_BATCH.labels(stage="stage0").observe(len(chunks))
+        if chunks:
+            STEP_SECONDS.labels(stage="stage0").observe(cost)
+            STEP_BATCH.labels(stage="stage0").observe(len(chunks))
         for chunk, out in zip(chunks, outputs, strict=True):
             if out is not None:
                 self.send_data(_result(chunk, out, cost * 1000))
+        self._report_leases()
 
     def _run(self, chunks: list[AudioChunk]) -> list[ThinkerOutput | None]:
         """Step the batch; a failing session is answered with a StageError and the
         rest of the batch is retried without it."""
         live = list(chunks)
         results: dict[int, ThinkerOutput | None] = {}
+        if not live:
+            try:
+                self.thinker.step([])  # background work only: an engine reports its failures per chunk
+            except Exception:
+                STAGE_ERRORS.labels(stage="stage0").inc()
+                log(_log, logging.ERROR, "thinker background step failed", exc_info=True)
+            return []
         while live:
             batch = [
                 ThinkerInput(c.session_id, c.chunk_seq, c.kind, c.pcm, c.force_listen, c.response_id) for c in live

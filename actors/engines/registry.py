@@ -1,4 +1,8 @@
-"""Engine names → (thinker, talker) factories. Options come typed from ``[engines.*]``."""
+"""Engine names → (thinker, talker) factories. Options come typed from ``[engines.*]``.
+
+Importing this module must stay cheap and torch-free (``duplexd check-config`` and the
+adapter import it): model engines are imported by their factory, when a stage builds one.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import msgspec
 
 from duplexd.actors.engines.base import Talker, Thinker
 from duplexd.actors.engines.cascade import CascadeOptions, CascadeTalker, CascadeThinker
+from duplexd.actors.engines.qwen_omni.options import QwenOmniOptions
 from duplexd.actors.engines.scripted import ScriptedOptions, ScriptedTalker, ScriptedThinker
 
 
@@ -17,14 +22,28 @@ class EngineOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     scripted: ScriptedOptions = ScriptedOptions()
     cascade: CascadeOptions = CascadeOptions()
+    qwen_omni: QwenOmniOptions = QwenOmniOptions()
 
 
 ThinkerFactory = Callable[[Any], Thinker]
 TalkerFactory = Callable[[Any], Talker]
 
+def _qwen_thinker(opts: QwenOmniOptions) -> Thinker:
+    from duplexd.actors.engines.qwen_omni.thinker import QwenOmniThinker
+
+    return QwenOmniThinker(opts)
+
+
+def _qwen_talker(opts: QwenOmniOptions) -> Talker:
+    from duplexd.actors.engines.qwen_omni.talker import QwenOmniTalker
+
+    return QwenOmniTalker(opts)
+
+
 _ENGINES: dict[str, tuple[str, ThinkerFactory, TalkerFactory]] = {
     "scripted": ("scripted", ScriptedThinker, ScriptedTalker),
     "cascade": ("cascade", CascadeThinker, CascadeTalker),
+    "qwen-omni": ("qwen_omni", _qwen_thinker, _qwen_talker),
 }
 
 
