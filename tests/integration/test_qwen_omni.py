@@ -270,3 +270,25 @@ async def test_handoff_arrays_reach_stage1_without_a_copy(server: ServerProcess)
     # reach stage1 as a view of that frame. (Later units here are a row each: inline.)
     text = await wait_metric(server, "duplexd_handoff_arrays_total", before + 1, zero_copy="true")
     assert metric_sum(text, "duplexd_handoff_arrays_total", zero_copy="false") == 0
+
+
+async def test_duplex_mode_the_engine_ends_the_users_turn_and_answers(server: ServerProcess) -> None:
+    import wave
+
+    with wave.open(str(Path(__file__).parents[1] / "fixtures" / "speech" / "hello.wav")) as w:
+        speech = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+    c = await NativeClient.connect(server)
+    await c.send({"type": "session.update", "session": {"turn_mode": "duplex"}})
+    await c.wait_for("session.updated")
+    start = len(c.events)
+    silence = np.zeros(24 * 1200, np.float32)
+    await c.stream(np.concatenate([silence[: 24 * 400], speech, silence]), frame_ms=20, realtime=4.0)
+    created = await c.wait_for("response.created", within_s=60, start=start)
+    # The model heard a user turn (its item comes first), then spoke.
+    user = [e for e in c.events[start:] if e["type"] == "conversation.item.added" and e["item"]["role"] == "user"]
+    assert user and c.events.index(user[0]) < c.events.index(created)
+    speak = [e for e in c.events[start:] if e["type"] == "response.speak"]
+    assert speak and speak[0]["response_id"] == created["response"]["id"]
+    r = await reply(c, start)
+    assert r.status == "completed" and r.pcm.size > 0
+    await c.close()

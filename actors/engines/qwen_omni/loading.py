@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ from duplexd.actors.engines.qwen_omni.configs import fix_config, omni_config
 from duplexd.actors.engines.qwen_omni.options import QwenOmniOptions
 from duplexd.actors.engines.qwen_omni.tokens import ChatTokens, word_tokenizer
 from duplexd.bus.log import get_logger, log
+
+# Weights come from local directories only: never let transformers reach for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 _log = get_logger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -48,3 +48,9 @@ TALKER_PROMPT_ROWS = Counter(
     ["reused"],
     registry=REGISTRY,
 )
+GRAPHS = Gauge(
+    "duplexd_qwen_cuda_graphs",
+    "CUDA graphs of qwen-omni steps, by stage and state (captured; failed: the step runs eagerly)",
+    ["stage", "state"],
+    registry=REGISTRY,
+)

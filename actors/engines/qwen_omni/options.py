@@ -87,8 +87,8 @@ class QwenOmniOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("chunk_ms must be 20..1000")
         if self.cpu_threads < 0:
             raise ValueError("cpu_threads must be >= 0")
-        if self.max_sessions < 1 or self.max_context < 256:
-            raise ValueError("max_sessions must be >= 1 and max_context >= 256")
+        if self.max_sessions < 1 or self.max_context < 256 or self.max_context % 64:
+            raise ValueError("max_sessions must be >= 1 and max_context a multiple of 64, >= 256")
         if self.max_reply_tokens < 1 or self.max_codec_tokens < 12:
             raise ValueError("max_reply_tokens must be >= 1 and max_codec_tokens >= 12")
         if self.min_reply_tokens >= self.max_reply_tokens or self.min_codec_tokens >= self.max_codec_tokens:

@@ -30,7 +30,7 @@ import numpy as np
 from duplexd.actors.engines.base import EngineError, TalkerChunk, TalkerInput, TurnTalker
 from duplexd.actors.engines.qwen_omni import handoff as hf
 from duplexd.actors.engines.qwen_omni.lease import LeaseTable, NoSlotFree
-from duplexd.actors.engines.qwen_omni.metrics import MODEL_BATCH, MODEL_STEP, TALKER_PROMPT_ROWS
+from duplexd.actors.engines.qwen_omni.metrics import GRAPHS, MODEL_BATCH, MODEL_STEP, TALKER_PROMPT_ROWS
 from duplexd.actors.engines.qwen_omni.options import QwenOmniOptions
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import SessionConfig
@@ -128,7 +128,8 @@ class QwenOmniTalker(TurnTalker[_Turn]):
         self.embedding = int(tc.embedding_size)
         self.vocab = int(tc.vocab_size)
         shape = DecoderShape.of(tc)
-        self.max_len = o.max_context + 2 + o.max_codec_tokens
+        # (a multiple of 64: attention masks stay aligned for the fused kernels)
+        self.max_len = -(-(o.max_context + 2 + o.max_codec_tokens) // 64) * 64
         self.dec = SlotDecoder(tk.model.layers, tk.model.norm, shape, o.max_sessions, self.max_len, self.device,
                                self.dtype)
         self.codec_pad = int(tc.tts_codec_pad_token_id)
@@ -176,6 +177,8 @@ class QwenOmniTalker(TurnTalker[_Turn]):
                 for span in self.span_buckets:
                     self.graphs.capture((b, span), self._decode_fn(b, span))
             self.t2w.capture()
+            GRAPHS.labels(stage="stage1", state="captured").set(len(self.graphs) + len(self.t2w.graphs))
+            GRAPHS.labels(stage="stage1", state="failed").set(int(bool(self.graphs.failed or self.t2w.graphs.failed)))
             log(_log, logging.INFO, "qwen-omni talker graphs captured", decode=len(self.graphs),
                 token2wav=len(self.t2w.graphs), capture_s=round(self.graphs.capture_s + self.t2w.graphs.capture_s, 2),
                 failed=self.graphs.failed or self.t2w.graphs.failed or None)
@@ -485,7 +488,10 @@ class QwenOmniTalker(TurnTalker[_Turn]):
             MODEL_BATCH.labels(stage="stage1", phase="token2wav").observe(len(jobs))
 
     def _collect(self) -> None:
-        for res in self.t2w.poll():
+        results = self.t2w.poll()
+        if results:
+            MODEL_STEP.labels(stage="stage1", phase="token2wav").observe(self.t2w.last_s)
+        for res in results:
             sid, t = res.key
             t.inflight = False
             if self._turns.get(sid) is not t:

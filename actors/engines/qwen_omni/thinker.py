@@ -37,6 +37,7 @@ from duplexd.actors.engines.qwen_omni.context import Context, Kind, Turn, map_au
 from duplexd.actors.engines.qwen_omni.lease import LeaseTable, NoSlotFree
 from duplexd.actors.engines.qwen_omni.mel import RATE, StreamingMel, mel_filters, tokens_for_frames
 from duplexd.actors.engines.qwen_omni.metrics import (
+    GRAPHS,
     LEASE_RELEASES,
     LEASE_SLOTS,
     LEASE_TOKENS,
@@ -189,6 +190,8 @@ class QwenOmniThinker(Thinker):
                 for span in self.span_buckets:
                     self.graphs.capture((b, span), self._decode_fn(b, span))
                     n += 1
+            GRAPHS.labels(stage="stage0", state="captured").set(len(self.graphs))
+            GRAPHS.labels(stage="stage0", state="failed").set(int(bool(self.graphs.failed)))
             log(_log, logging.INFO, "qwen-omni thinker graphs captured", graphs=len(self.graphs), of=n,
                 capture_s=round(self.graphs.capture_s, 2), failed=self.graphs.failed or None)
         # One throwaway turn through every phase (mel, encoder, prefill, decode, handoff rows).

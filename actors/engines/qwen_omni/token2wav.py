@@ -201,6 +201,8 @@ class Token2Wav:
         self._inflight: tuple[list[ChunkJob], list[tuple[int, int, int]], Any, Any, Any] | None = None
         self.calls = 0
         self.busy_s = 0.0
+        self._launched_at = 0.0
+        self.last_s = 0.0  # launch to results of the last call (device time, batched)
 
     # ------------------------------------------------------------------ per speaker
     def speaker_features(self, ref_mel: torch.Tensor) -> torch.Tensor:
@@ -309,6 +311,7 @@ class Token2Wav:
             if done is not None:
                 done.record(self.stream)
         self._inflight = (jobs, spans, pcm, [t[2] for t in tails], done)
+        self._launched_at = t0
         self.calls += 1
         self.busy_s += time.perf_counter() - t0
 
@@ -320,6 +323,7 @@ class Token2Wav:
         if done is not None and not done.query():
             return []
         self._inflight = None
+        self.last_s = time.perf_counter() - self._launched_at
         out = []
         for j, p, tail in zip(jobs, pcm, tails, strict=True):
             out.append(ChunkAudio(j.key, j.c1, torch.nan_to_num(p).cpu(), tail))
