@@ -171,7 +171,7 @@ def load_thinker(opts: QwenOmniOptions, config: Any, device: torch.device, dtype
         kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "local_files_only": True}
         try:
             model = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(path), device_map=str(device), **kwargs)
-        except (ImportError, ValueError, TypeError) as exc:  # a transformers without native device_map
+        except Exception as exc:  # e.g. device_map needs accelerate: a real error fails again below
             log(_log, logging.WARNING, "qwen-omni: loading on the CPU first", reason=str(exc))
             model = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(path), **kwargs).to(device)
         thinker = model.thinker

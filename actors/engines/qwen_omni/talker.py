@@ -434,7 +434,9 @@ class QwenOmniTalker(TurnTalker[_Turn]):
             assert t.next_code is not None
             tok[slot] = t.next_code
             pos[slot] = t.pos
-            self._row[slot].copy_(self._next_row(t))
+            row = self._next_row(t)
+            assert row is not None
+            self._row[slot].copy_(row)
         span = bucket_for(int(max(pos[s] for s in slots)) + 1, self.span_buckets)
         self._tok.copy_(torch.from_numpy(tok))
         self._pos.copy_(torch.from_numpy(pos))

@@ -189,13 +189,12 @@ class Token2Wav:
         self.vframes = 2 * vocoder_context + max(chunk, first_chunk) * self.repeats
         self.b_buckets = buckets(max_batch)
         B = max_batch
-        z = dict(device=device, dtype=dtype)
-        self._noise = torch.zeros(B, self.frames, self.mel_dim, **z)
+        self._noise = torch.zeros(B, self.frames, self.mel_dim, device=device, dtype=dtype)
         self._code = torch.zeros(B, self.window, dtype=torch.long, device=device)
-        self._spk = torch.zeros(B, model.config.dit_config.enc_emb_dim, **z)
-        self._ecapa = torch.zeros(2 * B, model.config.dit_config.enc_dim, **z)
+        self._spk = torch.zeros(B, int(model.config.dit_config.enc_emb_dim), device=device, dtype=dtype)
+        self._ecapa = torch.zeros(2 * B, int(model.config.dit_config.enc_dim), device=device, dtype=dtype)
         self._bid = torch.full((B, self.frames), PAD_BLOCK, dtype=torch.long, device=device)
-        self._vmel = torch.full((B, self.mel_dim, self.vframes), mel_pad_value(), **z)
+        self._vmel = torch.full((B, self.mel_dim, self.vframes), mel_pad_value(), device=device, dtype=dtype)
         self.graphs = GraphCache(device, graphs, "token2wav")
         self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self._inflight: tuple[list[ChunkJob], list[tuple[int, int, int]], Any, Any, Any] | None = None
