@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from duplexd.actors.session import Dest, HostSettings, Out, SessionActor
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.liveness import HelloVerdict, PeerBook, PeerLife
@@ -42,6 +44,8 @@ from duplexd.bus.messages import (
     Heartbeat,
     Hello,
     HelloRequired,
+    KvLease,
+    KvLeaseReport,
     Message,
     MetricSample,
     NoNewSessions,
@@ -55,6 +59,7 @@ from duplexd.bus.messages import (
     SessionClose,
     SessionClosed,
     SessionOpen,
+    Snapshot,
     Stage0Result,
     StageError,
 )
@@ -137,6 +142,7 @@ class _Bound:
     first_audio_logged: str = ""
     chunk_sent: int = -1  # newest chunk_seq sent to stage0
     decision_shown: int = -1  # newest chunk_seq whose Decision reached the adapter
+    kv_lease: KvLease | None = None  # the newest lease report of its stage0
 
 
 class SessionHost:
@@ -271,6 +277,11 @@ class SessionHost:
                 dest = self._dest(b, out.dest)
                 if dest is None:
                     continue  # that stage is gone; the session is re-opened where it rebinds
+                if isinstance(out.msg, Snapshot) and b.kv_lease is not None:
+                    # The actor builds the snapshot; the lease is stage0's and joins it here.
+                    out.msg = msgspec.structs.replace(
+                        out.msg, snapshot=msgspec.structs.replace(out.msg.snapshot, kv_lease=b.kv_lease)
+                    )
                 if not self._send(dest, _plane(out.plane), out.msg, out.frames):
                     if out.dest == Dest.ADAPTER:
                         adapter_stuck = True
@@ -397,6 +408,10 @@ class SessionHost:
                 if b is not None:
                     b.actor.on_cancel(msg, now)
                     self._flush(sid)
+            case KvLeaseReport(session_id=sid, lease=lease):
+                b = self.sessions.get(sid)
+                if b is not None and r.identity == b.stage0:
+                    b.kv_lease = msgspec.structs.replace(lease, holder=peer.name)
             case StageError(session_id=sid):
                 STAGE_ERRORS.labels(stage=msg.role.value).inc()
                 b = self.sessions.get(sid)
