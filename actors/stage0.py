@@ -156,8 +156,9 @@ class Stage0Worker(StageWorker):
         """Contexts that waited behind the chunks just stepped take effect now."""
         for sid in sids:
             q = self.queues.get(sid)
-            while q and isinstance(q[0], ContextUpdate):
-                self._set_context(q.popleft())
+            while q and isinstance(head := q[0], ContextUpdate):
+                q.popleft()
+                self._set_context(head)
 
     def step(self) -> None:
         waiting = [sid for sid, q in self.queues.items() if q]

@@ -81,7 +81,7 @@ def read_gguf_file(path: str | Path) -> tuple[dict[str, Any], list[GgufTensor]]:
     from gguf.quants import quant_shape_to_byte_shape
 
     mm = np.memmap(path, mode="r")
-    buf = memoryview(mm)
+    buf = memoryview(mm.data)
     cur = _Cursor(buf)
     if bytes(buf[:4]) != _MAGIC:
         raise GgufFormatError("no GGUF magic")

@@ -271,6 +271,7 @@ class QwenOmniTalker(TurnTalker[_Turn]):
             turn = _Turn(unit.turn_key, voice, seen=self._seen0.clone())
             self._turns[session_id] = turn
             if rows is not None:
+                assert tok is not None
                 sel = np.flatnonzero(role == hf.SPEAKER_BOS)
                 by_voice = {int(tok[i, 1]): rows[i] for i in sel}
                 eos = np.flatnonzero(role == hf.TEXT_EOS)
@@ -283,6 +284,7 @@ class QwenOmniTalker(TurnTalker[_Turn]):
                 self._plan_prompt(session_id, turn, ctx, by_voice[voice])
         assert turn is not None
         if rows is not None:
+            assert tok is not None
             idx = np.flatnonzero(role == hf.REPLY)
             lens = [int(n) for n in tok[idx, 3]]
             text, at = unit.text, 0
@@ -495,6 +497,7 @@ class QwenOmniTalker(TurnTalker[_Turn]):
             MODEL_STEP.labels(stage="stage1", phase="token2wav").observe(self.t2w.last_s)
         for res in results:
             sid, t = res.key
+            assert isinstance(t, _Turn)
             t.inflight = False
             if self._turns.get(sid) is not t:
                 continue  # aborted meanwhile

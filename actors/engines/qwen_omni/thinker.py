@@ -97,7 +97,7 @@ class QwenOmniThinker(Thinker):
     def __init__(self, opts: QwenOmniOptions) -> None:
         self.opts = opts
         self.info = EngineInfo(
-            name="qwen-omni", input_rate=RATE, chunk_samples=RATE * opts.chunk_ms // 1000, output_rate=24000
+            name="qwen-omni", input_rate=RATE, chunk_samples=RATE * opts.chunk_ms // 1000
         )
         self._s: dict[str, _Session] = {}
         self._closed: list[KvLease] = []
@@ -637,8 +637,12 @@ class QwenOmniThinker(Thinker):
         from duplexd.actors.engines.qwen_omni.decoder import bucket_for
 
         t0 = time.perf_counter()
-        slots = [self.leases.leases[s.sid].slot for s in sessions]
-        b = bucket_for(max(slots) + 1, self.b_buckets)  # type: ignore[type-var]
+        slots: list[int] = []
+        for s in sessions:
+            slot = self.leases.leases[s.sid].slot
+            assert slot is not None  # a session with a reply holds its lease
+            slots.append(slot)
+        b = bucket_for(max(slots) + 1, self.b_buckets)
         tok = np.zeros(self.opts.max_sessions, dtype=np.int64)
         pos = np.full(self.opts.max_sessions, self.dec.max_len, dtype=np.int64)
         for s, slot in zip(sessions, slots, strict=True):
@@ -646,7 +650,7 @@ class QwenOmniThinker(Thinker):
             assert r is not None and s.next_token is not None
             tok[slot] = s.next_token
             pos[slot] = r.kv_start + r.kv_len
-        span = bucket_for(int(max(pos[sl] for sl in slots)) + 1, self.span_buckets)  # type: ignore[index]
+        span = bucket_for(int(max(pos[sl] for sl in slots)) + 1, self.span_buckets)
         self._tok.copy_(torch.from_numpy(tok))
         self._pos.copy_(torch.from_numpy(pos))
         logits = self.graphs.run((b, span), self._decode_fn(b, span))
