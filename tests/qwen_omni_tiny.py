@@ -16,7 +16,12 @@ def make_model_dir(path: Path, seed: int = SEED) -> Path:
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     from duplexd.actors.engines.qwen_omni.configs import omni_config
-    from duplexd.actors.engines.qwen_omni.loading import speaker_raw, synthetic_speakers
+    from duplexd.actors.engines.qwen_omni.loading import (
+        speaker_raw,
+        synthetic_speakers,
+        thinker_audio_tower,
+        thinker_text_model,
+    )
     from duplexd.actors.engines.qwen_omni.tokens import word_tokenizer
 
     transformers.logging.set_verbosity_error()
@@ -31,11 +36,11 @@ def make_model_dir(path: Path, seed: int = SEED) -> Path:
         # Weights of std 0.02 make attention nearly uniform and the encoder all position, no
         # content: a model that barely notices its context could not show a corrupted one.
         # Sharper attention makes positions count; stronger convolutions make audio count.
-        for part in (model.thinker.model.language_model, model.talker):
+        for part in (thinker_text_model(model.thinker), model.talker):
             for name, m in part.named_modules():
                 if name.endswith(("q_proj", "k_proj")):
                     m.weight.mul_(8.0)
-        tower = model.thinker.model.audio_tower
+        tower = thinker_audio_tower(model.thinker)
         tower.conv1.weight.mul_(30.0)
         tower.conv2.weight.mul_(30.0)
     speakers = synthetic_speakers(config, seed, torch.device("cpu"))

@@ -177,8 +177,7 @@ def load_thinker(opts: QwenOmniOptions, config: Any, device: torch.device, dtype
         thinker = model.thinker
     thinker.eval().requires_grad_(False)
     inner = thinker.model
-    text = getattr(inner, "language_model", None) or inner  # transformers 5.17: thinker.model is the LM
-    audio = getattr(inner, "audio_tower", None) or thinker.audio_tower
+    text, audio = thinker_text_model(thinker), thinker_audio_tower(thinker)
     for owner in (inner, thinker):
         if getattr(owner, "visual", None) is not None:
             owner.visual = None  # duplexd never feeds images: free the vision encoder
@@ -254,3 +253,15 @@ def read_prefixed(path: Path, modules: dict[str, Any], device: torch.device) -> 
         if result.unexpected_keys:
             log(_log, logging.WARNING, "qwen-omni: unused checkpoint tensors", prefix=prefix,
                 count=len(result.unexpected_keys), first=result.unexpected_keys[:3])
+
+
+def thinker_text_model(thinker: Any) -> Any:
+    """The thinker's decoder stack (layers, norm, embed_tokens), wherever this transformers
+    version keeps it (5.17: ``thinker.model`` itself; later: ``thinker.model.language_model``)."""
+    inner = thinker.model
+    return getattr(inner, "language_model", None) or inner
+
+
+def thinker_audio_tower(thinker: Any) -> Any:
+    """The thinker's audio encoder (5.17: ``thinker.audio_tower``; later: under ``thinker.model``)."""
+    return getattr(thinker.model, "audio_tower", None) or thinker.audio_tower

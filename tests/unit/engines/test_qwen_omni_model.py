@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from duplexd.actors.engines.base import ThinkerInput  # noqa: E402
 from duplexd.actors.engines.qwen_omni.configs import omni_config  # noqa: E402
 from duplexd.actors.engines.qwen_omni.decoder import DecoderShape, SlotDecoder  # noqa: E402
+from duplexd.actors.engines.qwen_omni.loading import thinker_text_model  # noqa: E402
 from duplexd.actors.engines.qwen_omni.mel import StreamingMel, mel_filters  # noqa: E402
 from duplexd.actors.engines.qwen_omni.options import QwenOmniOptions  # noqa: E402
 from duplexd.actors.engines.qwen_omni.thinker import QwenOmniThinker  # noqa: E402
@@ -40,7 +41,7 @@ def thinker(config: Any) -> Any:
 
 @torch.no_grad()
 def test_slot_decoder_matches_the_thinker_across_slots_prefill_and_decode(config: Any, thinker: Any) -> None:
-    lm = thinker.model.language_model
+    lm = thinker_text_model(thinker)
     dec = SlotDecoder(lm.layers, lm.norm, DecoderShape.of(config.thinker_config.text_config), 3, 64, CPU,
                       torch.float32)
     ids = torch.randint(0, 200, (2, 12))
