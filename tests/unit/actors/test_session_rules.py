@@ -106,7 +106,7 @@ class Session:
 
     # ---------------------------------------------------------------- plumbing
     def take(self) -> list[Out]:
-        new = self.a.drain()
+        new = self.a.take_outbox()
         self.out += new
         return new
 
@@ -148,7 +148,7 @@ class Session:
     # ---------------------------------------------------------------- stage0
     def outstanding(self) -> list[AudioChunk]:
         chunks = {m.chunk_seq: m for m in self.sent(AudioChunk, Dest.STAGE0)}
-        return [chunks[s] for s in sorted(self.a._outstanding)]
+        return [chunks[s] for s in sorted(self.a.chunks.pending)]
 
     def answer(
         self,
@@ -405,7 +405,7 @@ def test_a_queued_user_turn_is_not_answered_after_its_reply_is_cancelled() -> No
     rid = _speaking_response(s)
     s.talk(speech(500))  # a turn between the thresholds: answered after the reply...
     s.talk(silence(400))
-    assert s.a._pending_response
+    assert s.a.lifecycle.owed
     s.a.on_cancel(ResponseCancel(SID, 0, s.seq), s.now)  # ...unless the client stops the reply
     s.take()
     assert s.done(rid).response.status == "cancelled"
