@@ -304,7 +304,9 @@ class SessionActor:
             case PlaybackAck():
                 self.playback.ack(msg, self.lifecycle.response)
             case ItemTruncate():
-                self.playback.truncate(msg, self.lifecycle.response)
+                if self.playback.truncate(msg, self.lifecycle.response):
+                    # The client stopped playing the reply: not one more byte of it may follow.
+                    self.lifecycle.cancel(now, "client_cancelled")
             case ItemCreate():
                 self.items.create(msg)
             case ItemDelete():

@@ -100,20 +100,22 @@ class Playback:
             )
         )
 
-    def truncate(self, msg: ItemTruncate, active: Response | None) -> None:
+    def truncate(self, msg: ItemTruncate, active: Response | None) -> bool:
+        """Applies a truncate; True if it cut the item still playing (``active``'s), whose
+        rest the client will never hear: the caller ends that response."""
         core, conv = self._core, self._core.conversation
         item = conv.find(msg.item_id)
         if item is None or item.role != "assistant":
             core.error(
                 "item_not_found", f"no assistant item {msg.item_id!r} to truncate", msg.event_id, param="item_id"
             )
-            return
+            return False
         r = active if active is not None and active.item_id == msg.item_id else None
         gen = r.generated_ms if r is not None else conv.generated_ms(msg.item_id)
         gen = item.audio_ms if gen is None else gen
         if msg.content_index != 0:
             core.error("invalid_value", "content_index must be 0", msg.event_id, param="content_index")
-            return
+            return False
         if msg.audio_end_ms < 0 or msg.audio_end_ms > gen:
             core.error(
                 "invalid_value",
@@ -121,10 +123,10 @@ class Playback:
                 msg.event_id,
                 param="audio_end_ms",
             )
-            return
+            return False
         c = self.cursor
         if r is not None:
-            # Still playing: the item enters history cut here when the response ends.
+            # Still playing: the item enters history cut here when the response ends (now).
             r.truncated_ms = msg.audio_end_ms
             if c.item_id == msg.item_id:
                 c.played_ms = msg.audio_end_ms
@@ -135,6 +137,7 @@ class Playback:
         core.event(
             ItemTruncated(core.session_id, core.epoch, msg.item_id, msg.audio_end_ms, msg.content_index, msg.event_id)
         )
+        return r is not None
 
     def _cut_assistant(self, item_id: str, ms: int) -> None:
         if self._core.conversation.cut_assistant(item_id, ms):

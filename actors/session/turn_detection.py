@@ -1,9 +1,12 @@
 """Turn detection (server VAD): speech start and stop, backchannels, barge-in, idle timeout.
 
 User speech that starts while the assistant is audible is an *overlap*, judged by how much
-of it is voiced (see docs/session-semantics.md, "Overlap policy"): short speech that stops
-is a backchannel and leaves no trace; longer speech is announced; sustained speech (or the
-force flag) barges in. Audio of every turn mode enters here (:meth:`TurnDetector.on_audio`).
+of it is voiced (see docs/session-semantics.md, "Overlap policy"). Short speech that stops
+is a backchannel and leaves no trace. Speech that reaches ``overlap.short_ack_ms`` is an
+interruption: ``speech_started`` is sent then, and with ``interrupt_response`` the reply is
+cancelled in the same step, so a client that stops playback at ``speech_started`` never gets
+another byte of it. The force flag always barges in. Audio of every turn mode enters here
+(:meth:`TurnDetector.on_audio`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class Overlap:
     """User speech heard while the assistant is audible (server VAD)."""
 
     start_ms: float
-    announced: bool = False  # speech_started sent (passed the short-ack threshold)
+    announced: bool = False  # speech_started sent (reached the short-ack threshold)
 
 
 class TurnDetector:
@@ -143,10 +146,11 @@ class TurnDetector:
         self._announce_speech(at_ms)
 
     def _announce_speech(self, at_ms: float) -> None:
+        # audio_start_ms is where speech began on the input clock; the commit still takes
+        # prefix_padding_ms before it (what the model hears), but the event does not move.
         core = self._core
         self.speech_item = core.new_id("item")
-        start = max(self._input.buffer.start_ms, at_ms - core.config.vad.prefix_padding_ms)
-        core.event(SpeechStarted(core.session_id, core.epoch, self.speech_item, int(start)))
+        core.event(SpeechStarted(core.session_id, core.epoch, self.speech_item, int(at_ms)))
 
     def _speech_stop(self, at_ms: float, now: float) -> None:
         self._idle.touch(now)
@@ -180,14 +184,14 @@ class TurnDetector:
         self._overlap_check(d.voiced_until_ms - ov.start_ms, now)
 
     def _overlap_check(self, heard_ms: float, now: float) -> None:
+        """The backchannel decision, made before anything is sent: an overlap that reaches
+        ``short_ack_ms`` is announced, and with ``interrupt_response`` interrupts at once."""
         ov = self.overlap
-        if ov is None:
+        if ov is None or ov.announced or heard_ms < self._core.config.overlap.short_ack_ms:
             return
-        o = self._core.config.overlap
-        if not ov.announced and heard_ms >= o.short_ack_ms:
-            ov.announced = True
-            self._announce_speech(ov.start_ms)
-        if heard_ms >= o.barge_in_ms and self._core.config.vad.interrupt_response:
+        ov.announced = True
+        self._announce_speech(ov.start_ms)
+        if self._core.config.vad.interrupt_response:
             self.interrupt(now)
 
     def _promote_overlap(self) -> None:

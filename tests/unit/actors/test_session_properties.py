@@ -53,6 +53,7 @@ from duplexd.bus.messages import (
     ItemCreate,
     ItemDelete,
     ItemTruncate,
+    ItemTruncated,
     OverlapParams,
     PlaybackAck,
     ResponseCancel,
@@ -67,6 +68,7 @@ from duplexd.bus.messages import (
     SessionUpdate,
     SessionUpdated,
     SnapshotRequest,
+    SpeechStarted,
     Stage0Result,
     StageError,
     TurnMode,
@@ -106,6 +108,7 @@ class Recorder:
     advance_dests: dict[int, set[Dest]] = field(default_factory=dict)
     created_at_epoch: dict[str, int] = field(default_factory=dict)
     active: str | None = None
+    active_item: str = ""
     created: list[str] = field(default_factory=list)
     done: dict[str, ResponseDone] = field(default_factory=dict)
     full_transcript: dict[str, tuple[str, int]] = field(default_factory=dict)  # item -> (text, generated ms)
@@ -122,7 +125,7 @@ class Recorder:
 
     def take(self, actor: SessionActor, outs: list[Out]) -> None:
         self.last_stage_outs = [o for o in outs if o.dest != Dest.ADAPTER]
-        for out in outs:
+        for i, out in enumerate(outs):
             assert not self.closed, f"emitted after SessionClosed: {out.msg!r}"
             msg = out.msg
             ep = getattr(msg, "epoch", None)
@@ -141,6 +144,7 @@ class Recorder:
                     assert info.id not in self.created
                     assert info.status == ResponseStatus.IN_PROGRESS
                     self.active = info.id
+                    self.active_item = msg.item.id
                     self.created.append(info.id)
                     self.created_at_epoch[info.id] = self.advanced
                 case ResponseDone(response=info, transcript=transcript):
@@ -191,12 +195,25 @@ class Recorder:
                     if cfg.turn_mode != self.mode and TurnMode.DUPLEX in (cfg.turn_mode, self.mode):
                         self.live_since_duplex = 0
                     self.mode = cfg.turn_mode
+                case SpeechStarted() if self.active is not None and actor.config.vad.interrupt_response:
+                    # speech_started over a reply is the interruption: it ends in the same step,
+                    # so no audio of it can follow the event.
+                    assert actor.config.turn_mode == TurnMode.SERVER_VAD
+                    self._ends_in_step(self.active, outs[i:], ResponseStatus.CANCELLED)
+                case ItemTruncated(item_id=iid) if self.active is not None and iid == self.active_item:
+                    # A truncate of the item that plays: the client will hear no more of it.
+                    self._ends_in_step(self.active, outs[i:], ResponseStatus.CANCELLED)
                 case ErrorEvent():
                     self.errors.append(msg)
                 case SessionClosed():
                     self.closed = True
                 case _:
                     pass
+
+    @staticmethod
+    def _ends_in_step(rid: str, rest: list[Out], status: ResponseStatus) -> None:
+        ends = [o.msg for o in rest if isinstance(o.msg, ResponseDone) and o.msg.response.id == rid]
+        assert ends and ends[0].response.status == status, f"{rid} did not end {status} in the same step"
 
 
 def _speech(ms: int) -> np.ndarray:
@@ -233,7 +250,7 @@ class SessionMachine(RuleBasedStateMachine):
         base = {
             "turn_mode": TurnMode.SERVER_VAD,
             "vad": VadParams(prefix_padding_ms=100, silence_duration_ms=200),
-            "overlap": OverlapParams(short_ack_ms=300, barge_in_ms=600),
+            "overlap": OverlapParams(short_ack_ms=300),
             "continuation_cap_ms": 600,
             "force_listen_count": 2,
         }
@@ -320,7 +337,6 @@ class SessionMachine(RuleBasedStateMachine):
         mode=st.sampled_from(list(TurnMode)),
         policy=st.sampled_from(list(CommitPolicy)),
         short_ack=st.sampled_from([200, 300, 700]),
-        barge=st.sampled_from([400, 600, 250]),
         interrupt=st.booleans(),
         create_response=st.booleans(),
         idle=st.sampled_from([0, 0, 1500]),
@@ -331,7 +347,6 @@ class SessionMachine(RuleBasedStateMachine):
         mode: TurnMode,
         policy: CommitPolicy,
         short_ack: int,
-        barge: int,
         interrupt: bool,
         create_response: bool,
         idle: int,
@@ -342,7 +357,7 @@ class SessionMachine(RuleBasedStateMachine):
         cfg = self._cfg(
             turn_mode=mode,
             commit_policy=policy,
-            overlap=OverlapParams(short_ack_ms=short_ack, barge_in_ms=barge),
+            overlap=OverlapParams(short_ack_ms=short_ack),
             vad=VadParams(
                 prefix_padding_ms=100,
                 silence_duration_ms=200,
@@ -558,13 +573,14 @@ class SessionMachine(RuleBasedStateMachine):
         return rid if rid in self.rec.turns and not self.actor.closed else None
 
     @rule(
-        how=st.sampled_from(["cancel", "force", "speech"]),
+        how=st.sampled_from(["cancel", "force", "speech", "truncate"]),
         played=st.integers(1, 4),
         late=st.sampled_from(["old_epoch", "next_reply_old_epoch", "both"]),
     )
     def barge_in_after_audio(self, how: str, played: int, late: str) -> None:
         """Where the epoch fence matters: a reply is interrupted right after some of its audio
-        (a client cancel, the force flag, or sustained speech), the next reply starts at the new
+        (a client cancel, the force flag, sustained speech, or the client truncating what it
+        played), the next reply starts at the new
         epoch, and stage1 still sends what it had: audio of the interrupted reply at its old
         epoch, or audio of the next reply stamped with the epoch it last knew."""
         rid = self._reply_playing()
@@ -577,6 +593,9 @@ class SessionMachine(RuleBasedStateMachine):
         if how == "cancel":
             self.actor.on_cancel(ResponseCancel(SID, 0, self.seq, "", "evt_cancel"), self.now)
             self._collect()
+        elif how == "truncate":
+            self._send(ItemTruncate(SID, 0, self._next_seq(), self.rec.turns[rid].item_id, 40 * played - 10))
+            self.deliver(len(self.queue))
         else:
             force = how == "force"
             self._send(AudioIn(SID, 0, self._next_seq(), _speech(100 if force else 1500), force=force))
