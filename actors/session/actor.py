@@ -18,7 +18,6 @@ from duplexd.actors.session.audio_out import AudioForwarder
 from duplexd.actors.session.cancel import CancelFences
 from duplexd.actors.session.chunks import ChunkLedger
 from duplexd.actors.session.continuation import ContinuationPacer
-from duplexd.actors.session.conversation import Conversation
 from duplexd.actors.session.core import Dest, HostSettings, IdFactory, Out, SessionCore, random_id
 from duplexd.actors.session.decisions import Stage0Decisions
 from duplexd.actors.session.idle import IdleTimer
@@ -139,10 +138,6 @@ class SessionActor:
         return self.lifecycle.response
 
     @property
-    def conversation(self) -> Conversation:
-        return self._core.conversation
-
-    @property
     def history(self) -> list[Item]:
         """The committed conversation, in order."""
         return self._core.conversation.items
@@ -158,10 +153,6 @@ class SessionActor:
     @property
     def input_ms(self) -> float:
         return self.user_input.input_ms
-
-    @property
-    def chunk_ms(self) -> float:
-        return self._core.chunk_ms
 
     @property
     def outstanding(self) -> int:
