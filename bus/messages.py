@@ -122,10 +122,15 @@ class VadParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_
 
 
 class OverlapParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
-    """What user speech during assistant playback does (turn modes)."""
+    """What user speech during assistant playback does (turn modes).
 
-    short_ack_ms: int = 700  # shorter speech is a backchannel: ignored
-    barge_in_ms: int = 1200  # sustained speech this long cancels the response
+    Voiced speech that reaches ``short_ack_ms`` is an interruption: ``speech_started`` is sent
+    then, and with ``VadParams.interrupt_response`` the response is cancelled at once. Shorter
+    speech that stops is a backchannel ("mm-hmm"): no event at all. The default comes from
+    tests/bench/bench_overlap.py (real speech through Silero).
+    """
+
+    short_ack_ms: int = 450
     silence_rms: float = 0.003
 
 
