@@ -34,6 +34,7 @@ from duplexd.bus.messages import (
     AudioChunk,
     AudioOut,
     ChunksAnswered,
+    ClientCommand,
     ClusterStatus,
     ControlMessage,
     DataMessage,
@@ -594,7 +595,7 @@ class SessionHost:
         now = self.now()
         actor = b.actor
         if peer.role == Role.ADAPTER:
-            if r.identity != b.adapter:
+            if r.identity != b.adapter or not isinstance(msg, ClientCommand):
                 return
             actor.on_command(msg, now)
         elif isinstance(msg, Stage0Result):

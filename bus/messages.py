@@ -21,7 +21,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: HistoryEntry.item_id, KvLeaseReport
+PROTOCOL_VERSION = 3  # 2: HistoryEntry.item_id, KvLeaseReport; 3: OverlapParams without barge_in_ms
 
 # Array fields: msgspec has no numpy support of its own, so the codec
 # supplies hooks that ship an np.ndarray as an Ext (inline) or a raw frame (large).

@@ -141,7 +141,6 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "session.vad.silence_duration_ms": NON_NEGATIVE,
     "session.vad.idle_timeout_ms": NON_NEGATIVE,
     "session.overlap.short_ack_ms": NON_NEGATIVE,
-    "session.overlap.barge_in_ms": NON_NEGATIVE,
     "session.overlap.silence_rms": PROBABILITY,
     "session.instructions": Text(),
     "session.voice": Text(),
