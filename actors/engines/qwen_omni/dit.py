@@ -181,7 +181,8 @@ class DiTField:
         code2 = torch.cat([cond, uncond], dim=0)  # [2B, F, emb]
         spk2 = torch.cat([spk, torch.zeros_like(spk)], dim=0)  # [2B, enc_emb]
         rows = F.linear(ecapa, self.w_ec, self.b_in) + F.linear(spk2, self.w_spk)  # [2B, H]
-        c = torch.addmm(rows.repeat_interleave(f, dim=0), code2.reshape(2 * b * f, -1), self.w_code.t())
+        rows_f = rows[:, None].expand(2 * b, f, self.hidden).reshape(2 * b * f, self.hidden)
+        c = torch.addmm(rows_f, code2.reshape(2 * b * f, -1), self.w_code.t())
         diff = block_diff(block_ids)
         made: dict[tuple[int, int], torch.Tensor] = {}
         for back, ahead in self.pairs:

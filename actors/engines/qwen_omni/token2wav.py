@@ -158,9 +158,11 @@ class Token2Wav:
                 prepare_s=round(time.perf_counter() - t0, 3))
             self.field = field if ok else None
         if device.type == "cuda":
-            low, high = torch.cuda.Stream.priority_range()
             self.stream = torch.cuda.Stream(device=device)
-            self.first_stream = torch.cuda.Stream(device=device, priority=min(low, high))
+            try:  # lower is higher; the default stream (the decode steps) is at 0
+                self.first_stream = torch.cuda.Stream(device=device, priority=-1)
+            except Exception:  # no stream priorities here: one side stream for every call
+                self.first_stream = self.stream
         else:
             self.stream = self.first_stream = None
         self._inflight: tuple[list[ChunkJob], list[tuple[int, int, int]], Any, Any, Any] | None = None
