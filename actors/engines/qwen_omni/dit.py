@@ -2,7 +2,7 @@
 
 ``sample()`` integrates the DiT with RK4 over a fixed time grid: 36 evaluations of 22
 layers per call, classifier-free guided (conditional and unconditional halves in one
-batch). Run through the transformers modules, an evaluation is ~900 small kernels, and
+batch). Run through the transformers modules, an evaluation is ~1000 small kernels, and
 most of them recompute things that do not depend on the ODE state:
 
 * the time embedding and every layer's AdaLN modulation depend only on ``t``, and the
@@ -14,7 +14,7 @@ most of them recompute things that do not depend on the ODE state:
   (transformers de-interleaves it and rotates it at run time), the modulations and
   gated residuals are single ``addcmul`` kernels, and the masks are additive.
 
-That is ~400 kernels an evaluation instead of ~900, for the same arithmetic.
+That is ~400 kernels an evaluation instead of ~1000, for the same arithmetic.
 :func:`dit_eval` is the reference (the transformers layers themselves);
 :meth:`DiTField.check` compares the two on the model at load, and the token2wav falls
 back to the reference if they disagree (a transformers version that changed the DiT).
