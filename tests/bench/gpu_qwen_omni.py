@@ -313,7 +313,8 @@ def run_child(phase: str, args: argparse.Namespace, results: Results, watchdog: 
 
 
 # ---------------------------------------------------------------------- phase 2: the real server
-SERVER_LOG_KEYS = ("qwen-omni", "graph", "warm", "ERROR", "CRITICAL", "Traceback", "Error", "ready", "token2wav")
+SERVER_LOG_KEYS = ("qwen-omni", "graph", "warm", "ERROR", "CRITICAL", "Traceback", "Error", "ready", "token2wav",
+                   '"level": "warning"', '"level": "error"', '"level": "critical"')
 
 
 def server_log_excerpt(text: str, limit: int = 120) -> list[str]:
@@ -389,6 +390,8 @@ async def run_server_levels(args: argparse.Namespace, results: Results, watchdog
     finally:
         phase["server_log"] = server_log_excerpt(server.logs())
         results.save()
+        if args.server_log is not None:
+            args.server_log.write_text(server.logs())
         await asyncio.to_thread(server.stop, 20.0)
         watchdog.server = None
 
@@ -606,6 +609,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stock-levels", type=int, default=2, help="how many of --counts the stock baseline runs")
     p.add_argument("--skip", default="", help="phases to leave out, comma-separated: micro, duplexd, stock")
     p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--server-log", type=Path, default=None, help="write the server's whole log here")
     p.add_argument("--budget-s", type=float, default=440.0, help="the whole run ends within this many seconds")
     p.add_argument("--micro-s", type=float, default=130.0, help="at most this long for the micro phase")
     p.add_argument("--stock-s", type=float, default=85.0, help="time kept for the stock phase")

@@ -35,6 +35,11 @@ class GraphCache:
         self.warmups = warmups  # eager runs before a capture (lazy initialisation, allocator warm-up)
         self._graphs: dict[Hashable, tuple[Any, Any]] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if self.enabled else None
+        # A capture stream of this cache's own. torch.cuda.graph's default is one stream per
+        # process, and cuBLAS keys its workspace by stream: graphs of two caches captured on
+        # it share one workspace, so replaying them at once on two streams (the talker's
+        # decode beside token2wav's DiT) races on it — seen as a GPU hang at 4 sessions.
+        self._stream: Any = torch.cuda.Stream(device=device) if self.enabled else None
         self.capture_s = 0.0
         self.times: dict[Hashable, float] = {}  # capture seconds by key (warm-up runs included)
         self.failures: dict[Hashable, str] = {}  # key -> capture error: that key runs eagerly
@@ -51,19 +56,20 @@ class GraphCache:
         return next(iter(self.failures.values()), "")
 
     def capture(self, key: Hashable, fn: Callable[[], Any], stream: Any = None) -> None:
-        """Warm ``fn`` up on a side stream, then capture it (CUDA only)."""
+        """Warm ``fn`` up on this cache's capture stream (or ``stream``), then capture it there
+        (CUDA only)."""
         if not self.enabled or key in self._graphs or key in self.failures:
             return
         t0 = time.perf_counter()
         try:
-            side = torch.cuda.Stream(device=self.device)
+            side = self._stream if stream is None else stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(self.warmups):
                     fn()
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
                 out = fn()
             torch.cuda.synchronize(self.device)
         except Exception as exc:  # a step that cannot be captured still works eagerly
