@@ -45,8 +45,23 @@ def load_wav(name: str) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
 
 
+_ONES = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+)
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def _spelled(n: int) -> str:
+    """0..99 as words: Whisper writes "20" where the voice said "twenty"."""
+    if n < 20:
+        return _ONES[n]
+    return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+
+
 def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+    plain = re.sub(r"[^a-z0-9' ]+", " ", text.lower())
+    return re.sub(r"\b\d{1,2}\b", lambda m: _spelled(int(m.group())), plain).split()
 
 
 def word_errors(ref: list[str], hyp: list[str]) -> int:
