@@ -232,6 +232,12 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "engines.moshi.speech_rms": NON_NEGATIVE,
     "engines.moshi.hangover_frames": AT_LEAST_ONE,
     "engines.moshi.cancel_mute_frames": NON_NEGATIVE,
+    # [engines.qwen_omni] thinker backend and [engines.qwen_omni.vllm]
+    "engines.qwen_omni.thinker_backend": OneOf(("transformers", "vllm")),
+    "engines.qwen_omni.vllm.kv_cache_gb": POSITIVE,
+    "engines.qwen_omni.vllm.cuda_graph_sizes": AT_LEAST_ONE,
+    "engines.qwen_omni.vllm.max_num_batched_tokens": NON_NEGATIVE,
+    "engines.qwen_omni.vllm.model_dir": Text("path"),
     # [supervisor]
     "supervisor.restart_max": NON_NEGATIVE,
     "supervisor.restart_window_s": POSITIVE,

@@ -10,7 +10,7 @@ from typing import Any
 SEED = 1234
 
 
-def make_model_dir(path: Path, seed: int = SEED) -> Path:
+def make_model_dir(path: Path, seed: int = SEED, config: Any = None) -> Path:
     import torch
     import transformers
     from transformers import Qwen2_5OmniForConditionalGeneration
@@ -27,7 +27,7 @@ def make_model_dir(path: Path, seed: int = SEED) -> Path:
     transformers.logging.set_verbosity_error()
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = omni_config("tiny")
+    config = omni_config("tiny") if config is None else config
     model = Qwen2_5OmniForConditionalGeneration(config).eval()
     big = model.token2wav.code2wav_bigvgan_model
     with torch.no_grad():
