@@ -34,6 +34,7 @@ from duplexd.bus.messages import (
     AudioChunk,
     AudioOut,
     ChunksAnswered,
+    ClientCommand,
     ClusterStatus,
     ControlMessage,
     DataMessage,
@@ -273,7 +274,7 @@ class SessionHost:
         adapter_stuck = False
         # Sending can make the actor emit more (a failed send is itself an event): loop.
         while actor.outbox:
-            for out in actor.drain():
+            for out in actor.take_outbox():
                 dest = self._dest(b, out.dest)
                 if dest is None:
                     continue  # that stage is gone; the session is re-opened where it rebinds
@@ -292,7 +293,7 @@ class SessionHost:
         if adapter_stuck and not actor.closed:
             # The adapter is not reading: events would be lost, so end the session cleanly.
             actor.close(now, "adapter overloaded")
-            for out in actor.drain():
+            for out in actor.take_outbox():
                 dest = self._dest(b, out.dest)
                 if dest is not None and out.dest != Dest.ADAPTER:
                     self._send(dest, _plane(out.plane), out.msg)
@@ -594,7 +595,7 @@ class SessionHost:
         now = self.now()
         actor = b.actor
         if peer.role == Role.ADAPTER:
-            if r.identity != b.adapter:
+            if r.identity != b.adapter or not isinstance(msg, ClientCommand):
                 return
             actor.on_command(msg, now)
         elif isinstance(msg, Stage0Result):

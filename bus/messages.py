@@ -21,7 +21,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: HistoryEntry.item_id, KvLeaseReport
+PROTOCOL_VERSION = 3  # 2: HistoryEntry.item_id, KvLeaseReport; 3: OverlapParams without barge_in_ms
 
 # Array fields: msgspec has no numpy support of its own, so the codec
 # supplies hooks that ship an np.ndarray as an Ext (inline) or a raw frame (large).
@@ -122,10 +122,15 @@ class VadParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_
 
 
 class OverlapParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
-    """What user speech during assistant playback does (turn modes)."""
+    """What user speech during assistant playback does (turn modes).
 
-    short_ack_ms: int = 700  # shorter speech is a backchannel: ignored
-    barge_in_ms: int = 1200  # sustained speech this long cancels the response
+    Voiced speech that reaches ``short_ack_ms`` is an interruption: ``speech_started`` is sent
+    then, and with ``VadParams.interrupt_response`` the response is cancelled at once. Shorter
+    speech that stops is a backchannel ("mm-hmm"): no event at all. The default comes from
+    tests/bench/bench_overlap.py (real speech through Silero).
+    """
+
+    short_ack_ms: int = 450
     silence_rms: float = 0.003
 
 

@@ -7,7 +7,7 @@ so an item can later be cut to exactly the audio the client played.
 
 from __future__ import annotations
 
-from duplexd.actors.transcript import Segment, cut_text
+from duplexd.actors.session.transcript import Segment, cut_text
 from duplexd.bus.messages import ContentPart, HistoryEntry, Item
 
 _AUDIO_PARTS = ("output_audio", "audio", "input_audio")
