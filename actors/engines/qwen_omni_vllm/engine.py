@@ -55,34 +55,14 @@ class VllmEngine:
     """One in-process vLLM engine (see module docstring)."""
 
     def __init__(self, model_dir: Path, opts: QwenOmniOptions, device: str, load_format: str) -> None:
+        """``device``: "cpu" or a CUDA device ("cuda", "cuda:N")."""
         set_environment()
         from vllm import EngineArgs, LLMEngine
         from vllm.sampling_params import RequestOutputKind
 
         self._kind = RequestOutputKind.DELTA
-        v = opts.vllm
-        compilation: dict[str, Any] = {}
-        if v.cuda_graph_sizes:
-            compilation["cudagraph_capture_sizes"] = sorted(set(v.cuda_graph_sizes))
-        kwargs: dict[str, Any] = {
-            "model": str(model_dir),
-            "tokenizer": str(model_dir),
-            "load_format": load_format,
-            "dtype": "float32" if device == "cpu" else opts.dtype,
-            "seed": opts.seed,
-            "max_model_len": opts.max_context,
-            "max_num_seqs": max(2, 2 * opts.max_sessions),  # a reply and a listening prefill per session
-            "max_num_batched_tokens": v.max_num_batched_tokens or max(opts.max_prefill_tokens, opts.max_context),
-            "enable_prefix_caching": True,
-            "kv_cache_memory_bytes": int(v.kv_cache_gb * 2**30),
-            "async_scheduling": v.async_scheduling,
-            "enforce_eager": v.enforce_eager,
-            "limit_mm_per_prompt": {"audio": AUDIO_ITEMS_PER_PROMPT, "image": 0, "video": 0},
-            "skip_mm_profiling": v.skip_mm_profiling,
-        }
-        if compilation:
-            kwargs["compilation_config"] = compilation
-        if device != "cpu" and device.startswith("cuda:"):
+        kwargs = engine_kwargs(model_dir, opts, device, load_format)
+        if device.startswith("cuda:"):
             # vLLM places its worker on the current CUDA device.
             import torch
 
@@ -93,9 +73,11 @@ class VllmEngine:
         import vllm
 
         self.version = str(vllm.__version__)
+        self.compile_mode = "eager" if kwargs.get("enforce_eager") else opts.vllm.compile_mode
         log(_log, logging.INFO, "vllm engine up", version=self.version, start_s=round(self.start_s, 2),
-            model=str(model_dir), load_format=load_format, kv_cache_gb=v.kv_cache_gb,
-            async_scheduling=v.async_scheduling, enforce_eager=v.enforce_eager)
+            model=str(model_dir), load_format=load_format, kv_cache_gb=opts.vllm.kv_cache_gb,
+            async_scheduling=opts.vllm.async_scheduling, compile_mode=self.compile_mode,
+            graph_sizes=",".join(map(str, kwargs.get("compilation_config", {}).get("cudagraph_capture_sizes", []))))
 
     def add(
         self,
@@ -165,6 +147,50 @@ class VllmEngine:
             skip_special_tokens=False,
             output_kind=self._kind,
         )
+
+
+def engine_kwargs(model_dir: Path, opts: QwenOmniOptions, device: str, load_format: str) -> dict[str, Any]:
+    """``EngineArgs`` of the thinker: every limit explicit (vLLM's defaults depend on how the
+    engine is built and on the GPU's size)."""
+    v = opts.vllm
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "tokenizer": str(model_dir),
+        "load_format": load_format,
+        "dtype": "float32" if device == "cpu" else opts.dtype,
+        "seed": opts.seed,
+        "max_model_len": opts.max_context,
+        "max_num_seqs": max(2, 2 * opts.max_sessions),  # a reply and a listening prefill per session
+        "max_num_batched_tokens": v.max_num_batched_tokens or max(opts.max_prefill_tokens, opts.max_context),
+        "enable_prefix_caching": True,
+        "kv_cache_memory_bytes": int(v.kv_cache_gb * 2**30),
+        "gpu_memory_utilization": v.gpu_memory_utilization,
+        "async_scheduling": v.async_scheduling,
+        "limit_mm_per_prompt": {"audio": AUDIO_ITEMS_PER_PROMPT, "image": 0, "video": 0},
+        "skip_mm_profiling": v.skip_mm_profiling,
+    }
+    mode = "eager" if device == "cpu" else v.compile_mode
+    if mode == "eager":
+        kwargs["enforce_eager"] = True
+        return kwargs
+    sizes = sorted(set(v.cuda_graph_sizes)) or graph_sizes(kwargs["max_num_seqs"])
+    compilation: dict[str, Any] = {"cudagraph_capture_sizes": sizes}
+    if mode == "graphs":
+        # Compilation mode NONE (no Dynamo, no Inductor: nothing to compile at start) with
+        # full graphs of pure-decode batches; FULL_DECODE_ONLY needs no piecewise split, so
+        # vLLM keeps it without torch.compile. Prefill and mixed steps run eager.
+        compilation.update(mode=0, cudagraph_mode="FULL_DECODE_ONLY")
+    kwargs["compilation_config"] = compilation
+    return kwargs
+
+
+def graph_sizes(max_seqs: int) -> list[int]:
+    """Decode batch sizes captured: powers of two up to the engine's request limit."""
+    sizes, b = [], 1
+    while b < max_seqs:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_seqs]
 
 
 # Audio items per prompt: a user turn is one item per 2 s window (thinker.py), so this

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import msgspec
 
+COMPILE_MODES = ("graphs", "compile", "eager")
+
 
 class VllmOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """vLLM engine settings (``configs/default.toml`` documents each key)."""
 
     kv_cache_gb: float = 8.0  # vLLM's KV cache, every session's prefix (the leases) together
-    enforce_eager: bool = False  # no torch.compile, no CUDA graphs: fast start, slower steps
+    # "graphs": no torch.compile, full CUDA graphs of the decode step (starts in seconds);
+    # "compile": vLLM's default (torch.compile + piecewise/full graphs; ~140 s the first time);
+    # "eager": neither (the CPU always runs eager)
+    compile_mode: str = "graphs"
+    gpu_memory_utilization: float = 0.5  # vLLM's start-up check: this share of the GPU must be free
     async_scheduling: bool = False  # overlap scheduling with the forward (outputs lag one step)
     cuda_graph_sizes: list[int] = msgspec.field(default_factory=list)  # decode batch sizes captured ([]: vLLM's)
     max_num_batched_tokens: int = 0  # tokens per engine step, prefill chunks included (0: max_prefill_tokens)
@@ -19,6 +25,10 @@ class VllmOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model_dir: str = ""  # random_init: where the synthetic model directory is written ("": a cache dir)
 
     def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"vllm.compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("vllm.gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_gb <= 0:
             raise ValueError("vllm.kv_cache_gb must be > 0")
         if self.max_num_batched_tokens < 0:

@@ -48,9 +48,12 @@ from duplexd.actors.engines.qwen_omni.metrics import (
     LEASE_TOKENS,
     MODEL_BATCH,
     MODEL_STEP,
+    forget_lease_series,
+    show_slots,
 )
 from duplexd.actors.engines.qwen_omni.options import QwenOmniOptions
-from duplexd.actors.engines.qwen_omni.thinker import QwenOmniThinker, _Session
+from duplexd.actors.engines.qwen_omni.thinker import QwenOmniThinker
+from duplexd.actors.engines.qwen_omni.thinker_session import ThinkerSession
 from duplexd.actors.engines.qwen_omni_vllm.metrics import LEASE_CACHED, PROMPT_TOKENS, REQUESTS, RUNNING
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import ChunkKind, HistoryEntry, KvLease, SessionConfig
@@ -115,7 +118,7 @@ class VllmQwenThinker(QwenOmniThinker):
         from transformers import AutoTokenizer, Qwen2_5OmniConfig
 
         from duplexd.actors.engines.qwen_omni.configs import fix_config
-        from duplexd.actors.engines.qwen_omni.loading import load_speakers
+        from duplexd.actors.engines.qwen_omni.loading import load_speakers, resolve_device
         from duplexd.actors.engines.qwen_omni.tokens import ChatTokens
         from duplexd.actors.engines.qwen_omni_vllm.model_dir import check_model_dir, synthetic_model_dir
 
@@ -134,7 +137,7 @@ class VllmQwenThinker(QwenOmniThinker):
         self.tok = ChatTokens(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True),
                               config.thinker_config)
         self.speakers = load_speakers(o, config, torch.device("cpu"))
-        device = "cpu" if o.stage0_device == "cpu" else "cuda"
+        device = str(resolve_device(o.stage0_device))
         self.eng = VllmEngine(model_dir, o, device, "dummy" if o.random_init else "auto")
         self.tap = runner_tap.install(self.eng.engine)
         self.embed_w = runner_tap.embedding_table(self.eng.engine)
@@ -163,7 +166,7 @@ class VllmQwenThinker(QwenOmniThinker):
             [[t, i, r, 0] for t, i, r in zip(special_ids, index, roles, strict=True)], dtype=np.int32
         )
         self._loaded = True
-        self._update_slot_gauges()
+        show_slots(self.leases.used, self.leases.slots)
         log(_log, logging.INFO, "qwen-omni thinker on vllm loaded", vllm=self.eng.version, device=str(self.device),
             model_dir=str(model_dir), slots=o.max_sessions, max_context=L, speakers=",".join(names))
 
@@ -227,11 +230,11 @@ class VllmQwenThinker(QwenOmniThinker):
             self._abort(v.req)
 
     # ================================================================== leases
-    def _busy(self, s: _Session) -> bool:
+    def _busy(self, s: ThinkerSession) -> bool:
         v = self._v.get(s.sid)
         return super()._busy(s) or (v is not None and v.req is not None)
 
-    def _lease(self, s: _Session, now: float) -> None:
+    def _lease(self, s: ThinkerSession, now: float) -> None:
         lease = self.leases.leases[s.sid]
         had = lease.slot
         try:
@@ -242,18 +245,18 @@ class VllmQwenThinker(QwenOmniThinker):
             self._release(self._s[victim], "evicted", lease.slot)
         if had is None:
             self._forget_rows(self._v[s.sid])
-            self._update_slot_gauges()
+            show_slots(self.leases.used, self.leases.slots)
 
-    def _release(self, s: _Session, reason: str, slot: int | None = None) -> None:
+    def _release(self, s: ThinkerSession, reason: str, slot: int | None = None) -> None:
         lease = self.leases.leases[s.sid]
         held = lease.slot if lease.slot is not None else slot
         self.leases.release(s.sid)
         self._forget_rows(self._v[s.sid])
         if held is not None:
-            self._drop_series(s.sid, held)
+            forget_lease_series(s.sid, held)
         self._drop_cached_series(s.sid)
         LEASE_RELEASES.labels(reason=reason).inc()
-        self._update_slot_gauges()
+        show_slots(self.leases.used, self.leases.slots)
         log(_log, logging.INFO, "kv lease released", session_id=s.sid, reason=reason, turns=len(s.ctx.turns))
 
     def _forget_rows(self, v: _Store) -> None:
@@ -261,7 +264,7 @@ class VllmQwenThinker(QwenOmniThinker):
         v.ids.clear()
         v.salt += 1
 
-    def _park_evicted(self, s: _Session) -> None:
+    def _park_evicted(self, s: ThinkerSession) -> None:
         s.ctx.evicted.clear()  # audio items are host arrays already
 
     def _drop_cached_series(self, sid: str) -> None:
@@ -305,7 +308,7 @@ class VllmQwenThinker(QwenOmniThinker):
         return out
 
     # ================================================================== hearing
-    def _hear(self, s: _Session, pcm: np.ndarray) -> None:
+    def _hear(self, s: ThinkerSession, pcm: np.ndarray) -> None:
         """User audio: cut into 2 s items as it arrives (one vLLM audio item per encoder window)."""
         v = self._v[s.sid]
         if s.audio_turn is None:
@@ -330,7 +333,7 @@ class VllmQwenThinker(QwenOmniThinker):
         turn.audio.append(np.ascontiguousarray(item))
         turn.audio_tokens += item_tokens(item.size)
 
-    def _end_turn(self, s: _Session) -> None:
+    def _end_turn(self, s: ThinkerSession) -> None:
         if s.audio_turn is None:
             return
         v = self._v[s.sid]
@@ -340,7 +343,7 @@ class VllmQwenThinker(QwenOmniThinker):
         self._close_audio(s)
 
     # ================================================================== prompts
-    def _layout(self, s: _Session, upto: Turn) -> tuple[list[int], list[int], list[np.ndarray], list[str]]:
+    def _layout(self, s: ThinkerSession, upto: Turn) -> tuple[list[int], list[int], list[np.ndarray], list[str]]:
         """The context through ``upto`` as (prompt ids with one ``<|AUDIO|>`` per item, the same
         expanded to one id per position, audio items, their uuids)."""
         v = self._v[s.sid]
@@ -369,7 +372,7 @@ class VllmQwenThinker(QwenOmniThinker):
                 break
         return ids, exp, items, uuids
 
-    def _submit(self, s: _Session, kind: str) -> None:
+    def _submit(self, s: ThinkerSession, kind: str) -> None:
         o, v = self.opts, self._v[s.sid]
         r = s.reply if kind == "reply" else None
         upto = r if r is not None else s.audio_turn
@@ -416,7 +419,7 @@ class VllmQwenThinker(QwenOmniThinker):
         self._ext[ext] = rid
         RUNNING.set(len(self._req))
 
-    def _due(self, s: _Session) -> str | None:
+    def _due(self, s: ThinkerSession) -> str | None:
         """Which request the session needs now, if any."""
         v = self._v[s.sid]
         if v.req is not None or self.leases.leases[s.sid].slot is None:
@@ -539,7 +542,7 @@ class VllmQwenThinker(QwenOmniThinker):
             self._finish_reply(s)
 
     # ------------------------------------------------------------------ the handoff
-    def _unit(self, s: _Session) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    def _unit(self, s: ThinkerSession) -> tuple[str, np.ndarray | None, np.ndarray | None]:
         """The handoff rows not sent yet: the prompt's rows on a reply's first unit, then one
         row per fed token (handoff.py)."""
         torch = self.torch
