@@ -73,10 +73,12 @@ class VllmEngine:
         import vllm
 
         self.version = str(vllm.__version__)
+        # Prefix-cache granularity: 16 positions on GPUs, 128 on vLLM's CPU backend.
+        self.block_size = int(self.engine.vllm_config.cache_config.block_size)
         self.compile_mode = "eager" if kwargs.get("enforce_eager") else opts.vllm.compile_mode
         log(_log, logging.INFO, "vllm engine up", version=self.version, start_s=round(self.start_s, 2),
             model=str(model_dir), load_format=load_format, kv_cache_gb=opts.vllm.kv_cache_gb,
-            async_scheduling=opts.vllm.async_scheduling, compile_mode=self.compile_mode,
+            async_scheduling=opts.vllm.async_scheduling, compile_mode=self.compile_mode, block_size=self.block_size,
             graph_sizes=",".join(map(str, kwargs.get("compilation_config", {}).get("cudagraph_capture_sizes", []))))
 
     def add(
