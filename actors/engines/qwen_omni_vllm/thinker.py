@@ -111,8 +111,9 @@ class VllmQwenThinker(QwenOmniThinker):
     # ================================================================== loading
     def load(self) -> None:
         from duplexd.actors.engines.qwen_omni_vllm import runner_tap
-        from duplexd.actors.engines.qwen_omni_vllm.engine import VllmEngine, set_environment
+        from duplexd.actors.engines.qwen_omni_vllm.engine import VllmEngine, require_vllm, set_environment
 
+        require_vllm()
         set_environment()
         import torch
         from transformers import AutoTokenizer, Qwen2_5OmniConfig
