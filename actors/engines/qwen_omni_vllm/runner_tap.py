@@ -36,7 +36,7 @@ class Rows:
 
     request_id: str  # vLLM's internal id (what ``add_request`` returned)
     start: int  # position of the first row
-    hidden: Any  # tensor [n, hidden] on the runner's device (a copy)
+    hidden: Any  # tensor [n, hidden] on the runner's device (a view of the step's copy)
 
 
 class HiddenTap:
@@ -59,17 +59,20 @@ class HiddenTap:
         scheduled: dict[str, int] = st.scheduler_output.num_scheduled_tokens
         hs = st.hidden_states
         at = 0
+        spans: list[tuple[str, int, int, int]] = []
         for rid in r.input_batch.req_ids:
             if rid is None:
                 continue
             n = int(scheduled.get(rid, 0))
             if n <= 0:
                 continue
-            start = int(r.requests[rid].num_computed_tokens)
-            self._rows.append(Rows(rid, start, hs[at : at + n].clone()))
+            spans.append((rid, int(r.requests[rid].num_computed_tokens), at, n))
             at += n
         if at > hs.shape[0]:
             raise UnsupportedVllm(f"hidden states hold {hs.shape[0]} rows but the batch scheduled {at}")
+        # One copy of the step's rows (the buffer is reused by the next step), then views.
+        rows = hs[:at].clone()
+        self._rows += [Rows(rid, start, rows[a : a + n]) for rid, start, a, n in spans]
 
     def take(self) -> list[Rows]:
         out, self._rows = self._rows, []

@@ -464,6 +464,7 @@ class VllmQwenThinker(QwenOmniThinker):
         rows = self.tap.take()
         MODEL_STEP.labels(stage="stage0", phase="vllm_step").observe(time.perf_counter() - t0)
         decode = prefill = 0
+        writes: list[tuple[int, int, list[int], Any]] = []
         for row in rows:
             req = self._req.get(row.request_id)
             if req is None:
@@ -472,7 +473,10 @@ class VllmQwenThinker(QwenOmniThinker):
                 decode += 1
             else:
                 prefill += 1
-            self._store(req, row.start, row.hidden)
+            w = self._store(req, row.start, row.hidden.shape[0])
+            if w is not None:
+                writes.append((*w, row.hidden))
+        self._write_rows(writes)
         if decode:
             MODEL_BATCH.labels(stage="stage0", phase="decode").observe(decode)
         if prefill:
@@ -502,9 +506,9 @@ class VllmQwenThinker(QwenOmniThinker):
         PROMPT_TOKENS.labels(cached="true").inc(cached)
         PROMPT_TOKENS.labels(cached="false").inc(len(req.ids) - cached)
 
-    def _store(self, req: _Request, start: int, hidden: Any) -> None:
-        """Rows for positions ``start..``: into the session's row store; reply tokens are fed."""
-        torch = self.torch
+    def _store(self, req: _Request, start: int, n: int) -> tuple[int, int, list[int]] | None:
+        """The step computed rows for positions ``start..start+n`` of ``req``: the row store
+        will hold them (returns where they go and their ids); reply tokens are fed."""
         s, v = self._s[req.sid], self._v[req.sid]
         if start > len(v.ids):
             # The prefix cache served positions whose rows this session no longer holds (an
@@ -513,26 +517,37 @@ class VllmQwenThinker(QwenOmniThinker):
                 cached=start, held=len(v.ids))
             self._abort(req, "restarted")
             self._forget_rows(v)
-            return
-        n = hidden.shape[0]
+            return None
         plen = len(req.ids)
         ids = [req.ids[p] if p < plen else req.gen[p - plen] for p in range(start, start + n)]
         slot = self.leases.leases[req.sid].slot
         assert slot is not None  # a session with a request in flight is busy: never released
-        t = torch.tensor(ids, device=self.device)
-        emb = self.embed_w[t] * (t != self.tok.audio).unsqueeze(1).to(self.dtype)
-        self.rows[slot, start : start + n] = (hidden + emb).to(self.dtype)
         del v.ids[start:]
         v.ids += ids
         r = req.reply
         if r is None or r.complete or s.reply is not r:
-            return
+            return slot, start, ids
         assert r.pieces is not None
         for p in range(max(start, plen), start + n):
             tok = req.gen[p - plen]
             r.body.append(tok)
             r.pieces.add(tok)
             s.unsent.append(len(r.body) - 1)
+        return slot, start, ids
+
+    def _write_rows(self, writes: list[tuple[int, int, list[int], Any]]) -> None:
+        """One batched write of a step's rows, every request's together: the talker's
+        input, last hidden state + the token's embedding (zero at audio positions)."""
+        if not writes:
+            return
+        torch = self.torch
+        slots = [w[0] for w in writes for _ in w[2]]
+        pos = [p for w in writes for p in range(w[1], w[1] + len(w[2]))]
+        ids = [i for w in writes for i in w[2]]
+        idx = torch.tensor([slots, pos, ids], dtype=torch.long).to(self.device, non_blocking=True)
+        hidden = writes[0][3] if len(writes) == 1 else torch.cat([w[3] for w in writes])
+        emb = self.embed_w[idx[2]] * (idx[2] != self.tok.audio).unsqueeze(1).to(self.dtype)
+        self.rows[idx[0], idx[1]] = (hidden + emb).to(self.dtype)
 
     def _finished(self, req: _Request) -> None:
         s = self._s[req.sid]
