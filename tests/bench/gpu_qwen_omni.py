@@ -498,9 +498,10 @@ def run_backend(args: argparse.Namespace, results: Results, watchdog: Watchdog, 
     """Phase 2 for one stage0 backend; its failure is recorded and the run goes on. A vLLM
     server that does not start in ``--vllm-compile`` mode gets one more try in eager mode
     when enough time is left (both tries are recorded)."""
-    modes = [args.vllm_compile] if backend == "vllm" else [""]
-    if backend == "vllm" and args.vllm_compile != "eager":
-        modes.append("eager")
+    modes = [""]
+    if backend == "vllm":
+        # (the CPU always runs vLLM eager: say so)
+        modes = ["eager"] if args.tiny or args.vllm_compile == "eager" else [args.vllm_compile, "eager"]
     for mode in modes:
         try:
             asyncio.run(run_server_levels(args, results, watchdog, until=until, backend=backend, compile_mode=mode))

@@ -149,8 +149,7 @@ class VllmQwenThinker(QwenOmniThinker):
         self.vocab = int(text.vocab_size)
         L = o.max_context
         self.rows = torch.zeros(o.max_sessions, L + 1, self.hidden, device=self.device, dtype=self.dtype)
-        suppress = set(self.tok.suppress)
-        self.allowed = [i for i in range(self.vocab) if i not in suppress]
+        self.suppress = [i for i in self.tok.suppress if i < self.vocab]
         system_len = len(self.tok.encode(o.system_prompt)) + 8
         room = L - o.max_reply_tokens - system_len - 16
         if room < 64:
@@ -394,7 +393,7 @@ class VllmQwenThinker(QwenOmniThinker):
                 top_k=o.top_k,
                 top_p=o.top_p,
                 stop=self.tok.eos,
-                allowed=self.allowed,
+                suppress=self.suppress,
                 seed=o.seed,
             )
             v.body_start = len(exp) - r.kept()
