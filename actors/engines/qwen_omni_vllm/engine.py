@@ -38,6 +38,8 @@ def set_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+    # torch.distributed of world size 1 in this process: loopback, never a route lookup.
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 
 
 class VllmMissing(RuntimeError):
