@@ -223,6 +223,12 @@ class VllmQwenThinker(QwenOmniThinker):
         if s.reply is not r or r is None or r.complete:
             self._abort(v.req)  # the host ended the response, or it left the history
 
+    def _start_reply(self, s: ThinkerSession, key: str) -> None:
+        v = self._v.get(s.sid)
+        if v is not None and v.req is not None and v.req.kind == "reply":
+            self._abort(v.req)  # a reply for another response: that one is over
+        super()._start_reply(s, key)
+
     def discard_pending(self, session_id: str) -> None:
         super().discard_pending(session_id)
         v = self._v.get(session_id)
