@@ -70,8 +70,10 @@ class Output:
 class VllmEngine:
     """One in-process vLLM engine (see module docstring)."""
 
-    def __init__(self, model_dir: Path, opts: QwenOmniOptions, device: str, load_format: str) -> None:
-        """``device``: "cpu" or a CUDA device ("cuda", "cuda:N")."""
+    def __init__(
+        self, model_dir: Path, opts: QwenOmniOptions, device: str, load_format: str, suppress: Sequence[int] = (),
+    ) -> None:
+        """``device``: "cpu" or a CUDA device ("cuda", "cuda:N"); ``suppress``: ids never sampled."""
         set_environment()
         require_vllm()
         from vllm import EngineArgs, LLMEngine  # type: ignore[import-not-found]  # the optional vllm extra
@@ -79,6 +81,10 @@ class VllmEngine:
 
         self._kind = RequestOutputKind.DELTA
         kwargs = engine_kwargs(model_dir, opts, device, load_format)
+        if suppress:
+            from duplexd.actors.engines.qwen_omni_vllm.suppress import suppress_processor
+
+            kwargs["logits_processors"] = [suppress_processor(suppress)]
         if device.startswith("cuda:"):
             # vLLM places its worker on the current CUDA device.
             import torch
@@ -147,7 +153,6 @@ class VllmEngine:
         top_k: int = 0,
         top_p: float = 1.0,
         stop: Sequence[int] = (),
-        suppress: Sequence[int] = (),
         seed: int | None = None,
     ) -> Any:
         from vllm import SamplingParams
@@ -160,10 +165,6 @@ class VllmEngine:
             top_k=top_k,
             top_p=top_p,
             stop_token_ids=list(stop),
-            # The ids never sampled get vLLM's strongest logit bias (-100, its clamp), not
-            # allowed_token_ids: that is a list of the whole vocabulary (152k ids) that vLLM
-            # checks and turns into a mask in Python on every request (~0.1 s on a CPU).
-            logit_bias=dict.fromkeys(suppress, -100.0) or None,
             seed=seed,
             detokenize=False,
             skip_special_tokens=False,

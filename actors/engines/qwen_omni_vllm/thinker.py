@@ -139,7 +139,9 @@ class VllmQwenThinker(QwenOmniThinker):
                               config.thinker_config)
         self.speakers = load_speakers(o, config, torch.device("cpu"))
         device = str(resolve_device(o.stage0_device))
-        self.eng = VllmEngine(model_dir, o, device, "dummy" if o.random_init else "auto")
+        text = config.thinker_config.text_config
+        suppress = [i for i in self.tok.suppress if i < int(text.vocab_size)]
+        self.eng = VllmEngine(model_dir, o, device, "dummy" if o.random_init else "auto", suppress)
         self.tap = runner_tap.install(self.eng.engine)
         self.embed_w = runner_tap.embedding_table(self.eng.engine)
         self.device = self.embed_w.device
@@ -149,7 +151,6 @@ class VllmQwenThinker(QwenOmniThinker):
         self.vocab = int(text.vocab_size)
         L = o.max_context
         self.rows = torch.zeros(o.max_sessions, L + 1, self.hidden, device=self.device, dtype=self.dtype)
-        self.suppress = [i for i in self.tok.suppress if i < self.vocab]
         system_len = len(self.tok.encode(o.system_prompt)) + 8
         room = L - o.max_reply_tokens - system_len - 16
         if room < 64:
@@ -399,7 +400,6 @@ class VllmQwenThinker(QwenOmniThinker):
                 top_k=o.top_k,
                 top_p=o.top_p,
                 stop=self.tok.eos,
-                suppress=self.suppress,
                 seed=o.seed,
             )
             v.body_start = len(exp) - r.kept()
