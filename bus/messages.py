@@ -223,6 +223,7 @@ class KvLease(msgspec.Struct, frozen=True, omit_defaults=True):
     rollbacks: int = 0  # replies cut back to what the user heard
     dropped_tokens: int = 0  # positions given up by rollbacks and history edits
     evicted_turns: int = 0  # old turns left out because the context was full
+    cached_tokens: int = 0  # vLLM backend: positions of the newest request served by the prefix cache
     leased_s: float = 0.0  # how long the current lease has been held
     idle_s: float = 0.0  # since the session last used it
     holder: str = ""  # the stage0 process (filled in by the host)

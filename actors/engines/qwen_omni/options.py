@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
+from duplexd.actors.engines.qwen_omni_vllm.options import VllmOptions
+
 # Qwen's recommended system prompt: the released checkpoints only speak reliably with it.
 QWEN_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -15,6 +17,7 @@ QWEN_SYSTEM_PROMPT = (
 )
 DTYPES = ("bfloat16", "float16", "float32")
 RANDOM_SIZES = ("full", "tiny")
+THINKER_BACKENDS = ("transformers", "vllm")
 
 
 class QwenOmniOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -73,10 +76,15 @@ class QwenOmniOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interrupt_ms: int = 600  # user speech this long over the reply makes it yield
     pre_roll_ms: int = 300
     warm_up: bool = True  # one throwaway turn (and every graph captured) before READY
+    # stage0 backend: "transformers" (this package) | "vllm" (vLLM's engine, qwen_omni_vllm)
+    thinker_backend: str = "transformers"
+    vllm: VllmOptions = msgspec.field(default_factory=VllmOptions)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES or self.token2wav_dtype not in DTYPES:
             raise ValueError(f"dtype and token2wav_dtype must be one of {', '.join(DTYPES)}")
+        if self.thinker_backend not in THINKER_BACKENDS:
+            raise ValueError(f"thinker_backend {self.thinker_backend!r} is not one of {', '.join(THINKER_BACKENDS)}")
         if self.random_size not in RANDOM_SIZES:
             raise ValueError(f"random_size {self.random_size!r} is not one of {', '.join(RANDOM_SIZES)}")
         for name in ("stage0_device", "stage1_device"):
