@@ -5,7 +5,10 @@ sent earlier (the adapter stamps ``after_seq``, its last data seq). What is acti
 cancelled at once; while commands up to ``after_seq`` are still queued, a response they
 create is cancelled as soon as it appears; if none appears by the time ``after_seq`` has
 been applied, the cancel is answered with ``response_cancel_not_active``. Each cancel
-cancels something or errors exactly once.
+cancels something or errors exactly once — except one that crossed the server's own
+cancel: when turn detection cancelled the newest response (``speech_started`` during
+playback), a client cancel of it (by id, or without one) is already satisfied and is
+answered with nothing, since clients such as LiveKit's send it on ``speech_started``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class CancelFences:
         if msg.response_id:
             # Ids come from the server: one not active now cannot be created by queued commands.
             if r is None or msg.response_id != r.id:
+                if msg.response_id == rl.cancelled_by_turn:
+                    return  # the server cancelled it already (see module docstring)
                 core.error(
                     "response_cancel_not_active",
                     f"response {msg.response_id!r} is not in progress",
@@ -59,7 +64,8 @@ class CancelFences:
                 self._fences.append(CancelFence(msg.after_seq, msg.event_id, applied=True))
             return
         if self._seq_done >= msg.after_seq:
-            core.error("response_cancel_not_active", "there is no response in progress to cancel", msg.event_id)
+            if not rl.cancelled_by_turn:
+                core.error("response_cancel_not_active", "there is no response in progress to cancel", msg.event_id)
             return
         self._fences.append(CancelFence(msg.after_seq, msg.event_id))
 

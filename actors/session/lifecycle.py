@@ -42,6 +42,9 @@ class ResponseLifecycle:
         self.owed = False  # a response is owed once the active one ends
         self.awaiting_reply = False  # a user turn was committed and not answered yet
         self.deferred: list[Stage0Result] = []  # duplex: speaks of the next turn, held
+        # The newest response, if the server's turn detection cancelled it and no response
+        # came after it: a client cancel of it that crossed the server's is not an error.
+        self.cancelled_by_turn = ""
 
     def assistant_audible(self, now: float) -> bool:
         return self.response is not None or self._playback.tail_playing(now)
@@ -83,6 +86,7 @@ class ResponseLifecycle:
             next_unit_at=now,
         )
         self.response = r
+        self.cancelled_by_turn = ""
         core.counters.responses += 1
         self.owed = False
         self.awaiting_reply = False
@@ -208,6 +212,7 @@ class ResponseLifecycle:
             return
         core, conv = self._core, self._core.conversation
         self.response = None
+        self.cancelled_by_turn = r.id if status == ResponseStatus.CANCELLED and reason == "turn_detected" else ""
         item_status = "completed" if status == ResponseStatus.COMPLETED else "incomplete"
         if r.has_audio:
             full = full_text(r.segments)

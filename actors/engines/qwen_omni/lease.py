@@ -11,6 +11,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from duplexd.actors.engines.qwen_omni.context import Context
+from duplexd.bus.messages import KvLease
 
 
 class NoSlotFree(Exception):
@@ -83,3 +87,24 @@ class LeaseTable:
         if idle_s <= 0:
             return []
         return [x.session_id for x in self.leases.values() if x.slot is not None and now - x.last_used >= idle_s]
+
+
+def lease_report(lease: Lease, ctx: Context, capacity: int, busy: bool, now: float) -> tuple[tuple[Any, ...], KvLease]:
+    """The session's lease as the host shows it, and the key that says whether it changed:
+    its slot, its size once a turn settles (not while one grows), turns, rollbacks."""
+    settled = None if busy else ctx.kv_len
+    key = (lease.slot, settled, len(ctx.turns), ctx.rollbacks, ctx.dropped, ctx.evicted_turns, lease.releases)
+    held = lease.slot is not None
+    return key, KvLease(
+        lease.session_id,
+        "leased" if held else "released",
+        slot=-1 if lease.slot is None else lease.slot,
+        tokens=ctx.kv_len,
+        capacity=capacity,
+        turns=len(ctx.turns),
+        rollbacks=ctx.rollbacks,
+        dropped_tokens=ctx.dropped,
+        evicted_turns=ctx.evicted_turns,
+        leased_s=round(now - lease.leased_at, 3) if held else 0.0,
+        idle_s=round(now - lease.last_used, 3),
+    )

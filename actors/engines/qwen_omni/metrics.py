@@ -54,3 +54,16 @@ GRAPHS = Gauge(
     ["stage", "state"],
     registry=REGISTRY,
 )
+
+
+def show_slots(used: int, total: int) -> None:
+    LEASE_SLOTS.labels(state="leased").set(used)
+    LEASE_SLOTS.labels(state="free").set(total - used)
+
+
+def forget_lease_series(session_id: str, slot: int) -> None:
+    """A released lease leaves the lease table gauge (no stale per-session series)."""
+    try:
+        LEASE_TOKENS.remove(session_id, str(slot))
+    except KeyError:
+        pass

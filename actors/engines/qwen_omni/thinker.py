@@ -25,70 +25,34 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from duplexd.actors.engines.base import EngineError, Thinker, ThinkerInput, ThinkerOutput
 from duplexd.actors.engines.qwen_omni import handoff as hf
-from duplexd.actors.engines.qwen_omni.context import Context, Kind, Turn, map_audio
-from duplexd.actors.engines.qwen_omni.lease import LeaseTable, NoSlotFree
+from duplexd.actors.engines.qwen_omni.context import Context, map_audio
+from duplexd.actors.engines.qwen_omni.duplex_endpointing import feed_vad, ring_audio
+from duplexd.actors.engines.qwen_omni.lease import LeaseTable, NoSlotFree, lease_report
 from duplexd.actors.engines.qwen_omni.mel import RATE, StreamingMel, mel_filters, tokens_for_frames
 from duplexd.actors.engines.qwen_omni.metrics import (
     GRAPHS,
     LEASE_RELEASES,
-    LEASE_SLOTS,
     LEASE_TOKENS,
     MODEL_BATCH,
     MODEL_STEP,
     ROLLBACK_TOKENS,
     ROLLBACKS,
+    forget_lease_series,
+    show_slots,
 )
 from duplexd.actors.engines.qwen_omni.options import QwenOmniOptions
+from duplexd.actors.engines.qwen_omni.prefill_plan import plan_prefill
+from duplexd.actors.engines.qwen_omni.thinker_session import ThinkerSession
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import Action, ChunkKind, EngineInfo, HistoryEntry, KvLease, SessionConfig
 
 _log = get_logger(__name__)
-VAD_WINDOW = 512
-
-
-@dataclass(eq=False)
-class _Session:
-    sid: str
-    config: SessionConfig
-    ctx: Context
-    # the user turn being heard
-    audio_turn: Turn | None = None
-    mel: StreamingMel | None = None
-    windows: list[np.ndarray] = field(default_factory=list)  # released, not yet encoded
-    closing: bool = False  # its end arrived: complete once the windows are encoded
-    # the reply
-    reply: Turn | None = None
-    next_token: int | None = None  # sampled, not yet fed
-    max_tokens: int = 0
-    sent_context: bool = False
-    unsent: list[int] = field(default_factory=list)  # body indices fed, not yet handed off
-    extra_text: str = ""  # text the detokenizer released at the end, not yet handed off
-    spoke: bool = False
-    eot_sent: bool = False
-    dead: deque[str] = field(default_factory=lambda: deque(maxlen=64))  # cancelled reply keys
-    error: str = ""  # a background failure, reported with the session's next chunk
-    reported: tuple[Any, ...] = ()
-    # duplex
-    chunks: int = 0
-    detector: Any = None
-    pos_ms: float = 0.0
-    ring: deque[tuple[float, np.ndarray]] = field(default_factory=deque)
-    speech_start_ms: float | None = None
-    voiced_ms: float = 0.0
-    vad_pending: int = 0
-    overlap_ms: float | None = None  # speech start heard over a live reply (maybe a backchannel)
-    duplex_turns: int = 0
-    spoken_ms: float = 0.0  # duplex: since the reply's first speak
-    interrupted: bool = False  # this chunk made the reply yield
-    transcript_due: bool = False  # this chunk ended a user turn the host must record
 
 
 class QwenOmniThinker(Thinker):
@@ -99,7 +63,7 @@ class QwenOmniThinker(Thinker):
         self.info = EngineInfo(
             name="qwen-omni", input_rate=RATE, chunk_samples=RATE * opts.chunk_ms // 1000
         )
-        self._s: dict[str, _Session] = {}
+        self._s: dict[str, ThinkerSession] = {}
         self._closed: list[KvLease] = []
         self.leases = LeaseTable(opts.max_sessions)
         self._loaded = False
@@ -175,8 +139,7 @@ class QwenOmniThinker(Thinker):
         self.span_buckets = buckets(L, start=min(256, L))
         self.graphs = GraphCache(self.device, o.cuda_graphs, "thinker-decode")
         self._loaded = True
-        LEASE_SLOTS.labels(state="free").set(o.max_sessions)
-        LEASE_SLOTS.labels(state="leased").set(0)
+        show_slots(0, o.max_sessions)
         log(_log, logging.INFO, "qwen-omni thinker loaded", device=str(self.device), slots=o.max_sessions,
             max_context=L, kv_cache_mb=round(self.dec.cache_bytes / 2**20, 1), speakers=",".join(names))
 
@@ -222,7 +185,7 @@ class QwenOmniThinker(Thinker):
             return
         o = self.opts
         ctx = Context(self.tok, config.instructions or o.system_prompt, o.max_context, o.max_reply_tokens + 8)
-        s = self._s[session_id] = _Session(session_id, config, ctx)
+        s = self._s[session_id] = ThinkerSession(session_id, config, ctx)
         self.leases.add(session_id, time.monotonic())
         try:
             self._lease(s, time.monotonic())  # the lease is taken at open
@@ -244,9 +207,9 @@ class QwenOmniThinker(Thinker):
         slot = lease.slot if lease else None
         self.leases.remove(session_id)
         if slot is not None:
-            self._drop_series(session_id, slot)
+            forget_lease_series(session_id, slot)
             LEASE_RELEASES.labels(reason="closed").inc()
-        self._update_slot_gauges()
+        show_slots(self.leases.used, self.leases.slots)
         self._closed.append(KvLease(session_id, "closed", turns=len(s.ctx.turns), rollbacks=s.ctx.rollbacks,
                                     dropped_tokens=s.ctx.dropped, evicted_turns=s.ctx.evicted_turns))
 
@@ -282,11 +245,11 @@ class QwenOmniThinker(Thinker):
             s.eot_sent = True
 
     # ================================================================== leases
-    def _busy(self, s: _Session) -> bool:
+    def _busy(self, s: ThinkerSession) -> bool:
         r = s.reply
         return bool(s.windows) or (r is not None and not r.complete) or (s.audio_turn is not None)
 
-    def _lease(self, s: _Session, now: float) -> None:
+    def _lease(self, s: ThinkerSession, now: float) -> None:
         lease = self.leases.leases[s.sid]
         had = lease.slot
         try:
@@ -300,9 +263,9 @@ class QwenOmniThinker(Thinker):
             s.ctx.forget_slot()
             for t in s.ctx.turns:
                 map_audio(t, lambda a: a.to(self.device))
-            self._update_slot_gauges()
+            show_slots(self.leases.used, self.leases.slots)
 
-    def _release(self, s: _Session, reason: str, slot: int | None = None) -> None:
+    def _release(self, s: ThinkerSession, reason: str, slot: int | None = None) -> None:
         """The session's slot was given back (``slot``: the one it held, when already freed)."""
         lease = self.leases.leases[s.sid]
         held = lease.slot if lease.slot is not None else slot
@@ -311,22 +274,12 @@ class QwenOmniThinker(Thinker):
         for t in s.ctx.turns:
             map_audio(t, lambda a: a.cpu())
         if held is not None:
-            self._drop_series(s.sid, held)
+            forget_lease_series(s.sid, held)
         LEASE_RELEASES.labels(reason=reason).inc()
-        self._update_slot_gauges()
+        show_slots(self.leases.used, self.leases.slots)
         log(_log, logging.INFO, "kv lease released", session_id=s.sid, reason=reason, turns=len(s.ctx.turns))
 
-    def _drop_series(self, sid: str, slot: int) -> None:
-        try:
-            LEASE_TOKENS.remove(sid, str(slot))
-        except KeyError:
-            pass
-
-    def _update_slot_gauges(self) -> None:
-        LEASE_SLOTS.labels(state="leased").set(self.leases.used)
-        LEASE_SLOTS.labels(state="free").set(self.leases.slots - self.leases.used)
-
-    def _park_evicted(self, s: _Session) -> None:
+    def _park_evicted(self, s: ThinkerSession) -> None:
         for t in s.ctx.evicted:
             map_audio(t, lambda a: a.cpu())
         s.ctx.evicted.clear()
@@ -336,32 +289,14 @@ class QwenOmniThinker(Thinker):
         now = time.monotonic()
         for s in self._s.values():
             lease = self.leases.leases[s.sid]
-            c = s.ctx
             if s.sid.startswith("__"):
                 continue
             if lease.slot is not None:
-                LEASE_TOKENS.labels(session_id=s.sid, slot=str(lease.slot)).set(c.kv_len)
-            # Reported when the lease changes, and its size once a turn settles (not per token).
-            settled = None if self._busy(s) else c.kv_len
-            key = (lease.slot, settled, len(c.turns), c.rollbacks, c.dropped, c.evicted_turns, lease.releases)
-            if key == s.reported:
-                continue
-            s.reported = key
-            out.append(
-                KvLease(
-                    s.sid,
-                    "leased" if lease.slot is not None else "released",
-                    slot=-1 if lease.slot is None else lease.slot,
-                    tokens=c.kv_len,
-                    capacity=self.opts.max_context,
-                    turns=len(c.turns),
-                    rollbacks=c.rollbacks,
-                    dropped_tokens=c.dropped,
-                    evicted_turns=c.evicted_turns,
-                    leased_s=round(now - lease.leased_at, 3) if lease.slot is not None else 0.0,
-                    idle_s=round(now - lease.last_used, 3),
-                )
-            )
+                LEASE_TOKENS.labels(session_id=s.sid, slot=str(lease.slot)).set(s.ctx.kv_len)
+            key, report = lease_report(lease, s.ctx, self.opts.max_context, self._busy(s), now)
+            if key != s.reported:  # when the lease changes, not per token
+                s.reported = key
+                out.append(report)
         return out
 
     def next_due_s(self) -> float | None:
@@ -419,7 +354,7 @@ class QwenOmniThinker(Thinker):
         return outs
 
     # ------------------------------------------------------------------ inputs
-    def _consume(self, s: _Session, x: ThinkerInput) -> None:
+    def _consume(self, s: ThinkerSession, x: ThinkerInput) -> None:
         if x.kind in (ChunkKind.UTTERANCE, ChunkKind.UTTERANCE_END):
             self._hear(s, x.pcm)
             if x.kind == ChunkKind.UTTERANCE_END:
@@ -432,7 +367,7 @@ class QwenOmniThinker(Thinker):
         else:
             self._live(s, x)
 
-    def _hear(self, s: _Session, pcm: np.ndarray) -> None:
+    def _hear(self, s: ThinkerSession, pcm: np.ndarray) -> None:
         """Audio of the user's turn: opens it if needed, releases completed windows."""
         if s.audio_turn is None:
             s.audio_turn = s.ctx.open_audio()
@@ -442,7 +377,7 @@ class QwenOmniThinker(Thinker):
         assert s.mel is not None
         s.windows += s.mel.push(pcm)
 
-    def _end_turn(self, s: _Session) -> None:
+    def _end_turn(self, s: ThinkerSession) -> None:
         if s.audio_turn is None or s.mel is None:
             return
         tail = s.mel.flush()
@@ -453,12 +388,12 @@ class QwenOmniThinker(Thinker):
         if not s.windows:
             self._close_audio(s)
 
-    def _close_audio(self, s: _Session) -> None:
+    def _close_audio(self, s: ThinkerSession) -> None:
         if s.audio_turn is not None:
             s.audio_turn.complete = True
         s.audio_turn, s.closing = None, False
 
-    def _start_reply(self, s: _Session, key: str) -> None:
+    def _start_reply(self, s: ThinkerSession, key: str) -> None:
         r = s.reply
         if r is not None and not r.complete:
             r.complete = True  # a reply for another response: that one is over
@@ -480,7 +415,7 @@ class QwenOmniThinker(Thinker):
         self._prefill(active)
         self._decode([s for s in active if self._can_decode(s)])
 
-    def _encode(self, sessions: list[_Session]) -> None:
+    def _encode(self, sessions: list[ThinkerSession]) -> None:
         if not sessions:
             return
         torch = self.torch
@@ -507,60 +442,9 @@ class QwenOmniThinker(Thinker):
         MODEL_STEP.labels(stage="stage0", phase="encode").observe(time.perf_counter() - t0)
         MODEL_BATCH.labels(stage="stage0", phase="encode").observe(len(windows))
 
-    def _audio_rows(self, turn: Turn, lo: int, hi: int) -> Any:
-        parts, at = [], 0
-        for a in turn.audio:
-            n = a.shape[0]
-            if at + n > lo and at < hi:
-                parts.append(a[max(0, lo - at) : min(n, hi - at)].to(self.device))
-            at += n
-        return self.torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def _segments(self, ctx: Context, turn: Turn, a: int, b: int) -> list[tuple[list[int], Any]]:
-        """Offsets [a, b) of ``turn`` as (ids, audio rows or None) runs."""
-        out: list[tuple[list[int], Any]] = []
-        head = ctx.head(turn)
-        nh = len(head)
-        if a < nh:
-            out.append((head[a : min(b, nh)], None))
-        if turn.kind == Kind.AUDIO:
-            n_body = turn.audio_tokens
-            lo, hi = max(a, nh) - nh, min(b, nh + n_body) - nh
-            if hi > lo:
-                out.append(([self.tok.audio] * (hi - lo), self._audio_rows(turn, lo, hi)))
-        else:
-            body = turn.body[: turn.kept()] if turn.kind == Kind.REPLY else turn.body
-            n_body = len(body)
-            lo, hi = max(a, nh) - nh, min(b, nh + n_body) - nh
-            if hi > lo:
-                out.append((body[lo:hi], None))
-        tail = ctx.tail(turn)
-        st = nh + n_body
-        lo, hi = max(a, st) - st, min(b, st + len(tail)) - st
-        if hi > lo:
-            out.append((tail[lo:hi], None))
-        return out
-
-    def _prefill(self, sessions: list[_Session]) -> None:
+    def _prefill(self, sessions: list[ThinkerSession]) -> None:
         torch = self.torch
-        budget = self.opts.max_prefill_tokens
-        plans = []
-        for s in sessions:
-            start, todo = s.ctx.sync()
-            if not todo or budget <= 0:
-                continue
-            segs: list[tuple[list[int], Any]] = []
-            marks: list[tuple[Turn, int]] = []
-            n = 0
-            for turn, a, b in todo:
-                take = min(b - a, budget - n)
-                if take <= 0:
-                    break
-                segs += self._segments(s.ctx, turn, a, a + take)
-                marks.append((turn, a + take))
-                n += take
-            budget -= n
-            plans.append((s, start, n, segs, marks))
+        plans = plan_prefill(sessions, self.opts.max_prefill_tokens, self.tok.audio, self.device)
         if not plans:
             return
         t0 = time.perf_counter()
@@ -609,7 +493,7 @@ class QwenOmniThinker(Thinker):
         MODEL_STEP.labels(stage="stage0", phase="prefill").observe(time.perf_counter() - t0)
         MODEL_BATCH.labels(stage="stage0", phase="prefill").observe(len(plans))
 
-    def _can_decode(self, s: _Session) -> bool:
+    def _can_decode(self, s: ThinkerSession) -> bool:
         r = s.reply
         return (
             r is not None
@@ -630,7 +514,7 @@ class QwenOmniThinker(Thinker):
 
         return fn
 
-    def _decode(self, sessions: list[_Session]) -> None:
+    def _decode(self, sessions: list[ThinkerSession]) -> None:
         if not sessions:
             return
         torch = self.torch
@@ -667,7 +551,7 @@ class QwenOmniThinker(Thinker):
         MODEL_STEP.labels(stage="stage0", phase="decode").observe(time.perf_counter() - t0)
         MODEL_BATCH.labels(stage="stage0", phase="decode").observe(len(sessions))
 
-    def _sample(self, sessions: list[_Session], logits: Any) -> None:
+    def _sample(self, sessions: list[ThinkerSession], logits: Any) -> None:
         greedy = [self.opts.greedy or s.config.temperature <= 0 for s in sessions]
         temps = [s.config.temperature for s in sessions]
         no_eos = [len(s.reply.body) < self.opts.min_reply_tokens for s in sessions]  # type: ignore[union-attr]
@@ -681,7 +565,7 @@ class QwenOmniThinker(Thinker):
             else:
                 s.next_token = t
 
-    def _finish_reply(self, s: _Session) -> None:
+    def _finish_reply(self, s: ThinkerSession) -> None:
         r = s.reply
         assert r is not None and r.pieces is not None
         r.complete = True  # its footer is prefilled next, so the context is ready for the next turn
@@ -689,7 +573,7 @@ class QwenOmniThinker(Thinker):
         s.extra_text += r.pieces.flush()
 
     # ------------------------------------------------------------------ decisions
-    def _decide(self, s: _Session, x: ThinkerInput) -> ThinkerOutput:
+    def _decide(self, s: ThinkerSession, x: ThinkerInput) -> ThinkerOutput:
         if x.kind in (ChunkKind.UTTERANCE, ChunkKind.UTTERANCE_END):
             return ThinkerOutput(Action.LISTEN)
         if x.kind == ChunkKind.CONTINUATION:
@@ -699,7 +583,7 @@ class QwenOmniThinker(Thinker):
             return self._reply_output(s, duplex=False)
         return self._live_decision(s, x)
 
-    def _reply_output(self, s: _Session, duplex: bool) -> ThinkerOutput:
+    def _reply_output(self, s: ThinkerSession, duplex: bool) -> ThinkerOutput:
         r = s.reply
         assert r is not None
         if not s.spoke and not s.unsent:
@@ -714,7 +598,7 @@ class QwenOmniThinker(Thinker):
         s.eot_sent = end
         return ThinkerOutput(Action.SPEAK, text=text, end_of_turn=end, listen_prob=0.05, tokens=tokens, hidden=hidden)
 
-    def _unit(self, s: _Session) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    def _unit(self, s: ThinkerSession) -> tuple[str, np.ndarray | None, np.ndarray | None]:
         """The handoff rows not sent yet (see handoff.py)."""
         torch = self.torch
         r = s.reply
@@ -746,13 +630,13 @@ class QwenOmniThinker(Thinker):
         return text, tok, rows
 
     # ------------------------------------------------------------------ duplex
-    def _live(self, s: _Session, x: ThinkerInput) -> None:
+    def _live(self, s: ThinkerSession, x: ThinkerInput) -> None:
         """Duplex: the engine's own endpointing decides when the user's turn ends."""
         o = self.opts
         s.chunks += 1
         s.interrupted = s.transcript_due = False
         pcm = np.asarray(x.pcm, dtype=np.float32)
-        started, stopped = self._vad(s, pcm)
+        started, stopped = feed_vad(s, pcm, o)
         r = s.reply
         live_reply = r is not None and not (s.eot_sent and s.spoken_ms >= self._play_estimate_ms(s))
         if r is not None and s.spoke:
@@ -783,51 +667,17 @@ class QwenOmniThinker(Thinker):
         if started is not None:
             self._open_from_ring(s, started)
 
-    def _open_from_ring(self, s: _Session, start_ms: float) -> None:
+    def _open_from_ring(self, s: ThinkerSession, start_ms: float) -> None:
         """Opens the user turn with the audio heard since ``start_ms`` (minus the pre-roll)."""
-        lo = start_ms - self.opts.pre_roll_ms
-        audio = [pcm[max(0, int((lo - t) * RATE / 1000)) :] for t, pcm in s.ring if t + pcm.size * 1000 / RATE > lo]
         s.audio_turn = None
-        self._hear(s, np.concatenate(audio) if audio else np.zeros(0, np.float32))
+        self._hear(s, ring_audio(s, start_ms - self.opts.pre_roll_ms))
 
-    def _play_estimate_ms(self, s: _Session) -> float:
+    def _play_estimate_ms(self, s: ThinkerSession) -> float:
         r = s.reply
         chars = len(r.pieces.text) if r is not None and r.pieces is not None else 0
         return chars / self.opts.speech_chars_per_s * 1000 + 500
 
-    def _vad(self, s: _Session, pcm: np.ndarray) -> tuple[float | None, float | None]:
-        """Feeds the session's Silero VAD; returns (speech start ms, speech stop ms) events."""
-        o = self.opts
-        if s.detector is None:
-            from duplexd.actors.vad import SileroDetector
-
-            s.detector = SileroDetector(o.vad_threshold, o.end_silence_ms, o.min_speech_ms)
-        det = s.detector
-        start_ms = s.pos_ms
-        s.pos_ms += pcm.size * 1000 / RATE
-        s.ring.append((start_ms, pcm))
-        keep = o.pre_roll_ms + o.interrupt_ms + o.min_speech_ms + 4 * o.chunk_ms
-        while s.ring and s.ring[0][0] < s.pos_ms - keep:
-            s.ring.popleft()
-        started = stopped = None
-        for i in range(0, pcm.size, VAD_WINDOW):
-            piece = pcm[i : i + VAD_WINDOW]
-            for ev in det.feed(piece):
-                if ev.speaking:
-                    started = ev.at_ms
-                    s.voiced_ms = float(o.min_speech_ms)
-                else:
-                    stopped = ev.at_ms
-            s.vad_pending += piece.size
-            if s.vad_pending >= VAD_WINDOW:
-                s.vad_pending -= VAD_WINDOW
-                if det.speaking and det.last_prob >= o.vad_threshold:
-                    s.voiced_ms += VAD_WINDOW * 1000 / RATE
-            if not det.speaking:
-                s.voiced_ms = 0.0
-        return started, stopped
-
-    def _live_decision(self, s: _Session, x: ThinkerInput) -> ThinkerOutput:
+    def _live_decision(self, s: ThinkerSession, x: ThinkerInput) -> ThinkerOutput:
         transcript = "" if s.transcript_due else None
         if s.interrupted:
             return ThinkerOutput(Action.LISTEN, interrupt=True, listen_prob=0.95, input_transcript=transcript)

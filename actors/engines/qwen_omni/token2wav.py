@@ -8,22 +8,29 @@ Here it runs per chunk of codec tokens while the talker is still generating:
   before it, the chunk, and ``lookahead`` tokens after it; only the chunk's frames are
   kept. The ODE starts from noise drawn once per reply (seeded), indexed by frame, so a
   frame's starting point does not depend on the chunking;
-* every window has the same length: shorter ones (the first chunk, the last) are padded
-  with frames in a block of their own, which no real frame attends to and which attend
-  to no real frame — padding changes nothing, and one CUDA graph serves every window;
+* windows come in two lengths: the first chunk's (the chunk and its look-ahead, no
+  context before it: a third of the frames of a later window, and it is the call on the
+  path to a reply's first audio) and every later one's. Shorter windows (the last) are
+  padded with frames in a block of their own, which no real frame attends to and which
+  attend to no real frame — padding changes nothing, and one CUDA graph per batch and
+  window length serves every window;
 * BigVGAN vocodes the chunk's frames with ``vocoder_context`` frames of mel on each side
   (from the previous chunk, and the DiT's provisional frames after the chunk), keeping
   only the chunk's samples.
 
 :class:`Token2Wav` holds the graphs and static buffers and runs a batch of chunk jobs of
 several sessions as one DiT call and one BigVGAN call; on CUDA it runs them on a side
-stream so the talker keeps decoding meanwhile. The chunked output is not bit-equal to
+stream so the talker keeps decoding meanwhile (a high-priority stream when the batch
+holds a reply's first chunk: that call is what the user waits for; later chunks have
+the audio already played as slack). The DiT runs as the prepared velocity field of
+:mod:`.dit` (checked against the transformers layers at load). The chunked output is not bit-equal to
 the offline pass (the ODE's 36 evaluations widen the receptive field beyond a window);
 :func:`ode_mel` over a full window is, and tests check that against ``sample()``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -33,7 +40,12 @@ from typing import Any
 import torch
 
 from duplexd.actors.engines.qwen_omni.decoder import bucket_for, buckets
+from duplexd.actors.engines.qwen_omni.dit import DiTField, dit_eval, ode_mel, reference_ode_mel, time_points
 from duplexd.actors.engines.qwen_omni.graphs import GraphCache
+from duplexd.bus.log import get_logger, log
+
+__all__ = ["ChunkAudio", "ChunkJob", "Token2Wav", "dit_eval", "ode_mel", "time_points", "vocode"]
+_log = get_logger(__name__)
 
 HOP = 240  # BigVGAN samples per mel frame at 24 kHz (5*3*2*2*2*2)
 PAD_BLOCK = 1 << 20  # block id of padding frames: far from every real block
@@ -43,77 +55,6 @@ def mel_pad_value() -> float:
     """The mel value BigVGAN's preprocessing maps to 0 (what its conv padding sees)."""
     # processed = 2 * (db + 115) / 115 - 1 = 0  <=>  db = -57.5;  db = 20 log10(exp(mel)) - 20
     return (-57.5 + 20.0) / 20.0 * math.log(10.0)
-
-
-def time_points(steps: int, sway: float) -> list[float]:
-    """The ODE's time grid, exactly as ``Qwen2_5OmniToken2WavDiTModel.sample`` builds it."""
-    t = torch.linspace(0, 1, steps, dtype=torch.float32)
-    if sway is not None:
-        t = t + sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
-    return [float(v) for v in t]
-
-
-def dit_eval(
-    dit: Any,
-    x: torch.Tensor,
-    t: float,
-    code: torch.Tensor,
-    spk: torch.Tensor,
-    ecapa: torch.Tensor,
-    block_ids: torch.Tensor,
-    guidance: float,
-) -> torch.Tensor:
-    """One classifier-free-guided velocity of the DiT. ``x`` [B, F, mel] state, ``code``
-    [B, F/2] codec ids, ``spk`` [B, enc_emb] conditioning, ``ecapa`` [2B, enc_dim] the
-    speaker encoder on (reference mel; zeros), ``block_ids`` [B, F] attention blocks."""
-    b, f, _ = x.shape
-    cond = dit.text_embed(code)  # repeated to frames inside
-    uncond = dit.text_embed(code, drop_code=True)
-    x2 = torch.cat([x, x], dim=0)
-    spk2 = torch.cat([spk, torch.zeros_like(spk)], dim=0)[:, None].expand(2 * b, f, -1)
-    ec2 = ecapa[:, None].expand(2 * b, f, -1)
-    code2 = torch.cat([cond, uncond], dim=0)
-    h = dit.input_embed.proj(torch.cat((x2, ec2, code2, spk2), dim=-1))
-    ts = torch.full((2 * b,), t, dtype=x.dtype, device=x.device)
-    temb = dit.time_embed(ts)
-    pos = torch.arange(f, device=x.device)[None].expand(2 * b, f)
-    rope = dit.rotary_embed(h, pos)
-    ids = torch.cat([block_ids, block_ids], dim=0)
-    block_diff = (ids[:, None, :] - ids[:, :, None])[:, None]  # [2B, 1, F, F]: j's block - i's block
-    for blk in dit.transformer_blocks:
-        h = blk(h, temb, position_embeddings=rope, block_diff=block_diff)
-    h = dit.norm_out(h, temb)
-    out = dit.proj_out(h)
-    guided, null = torch.chunk(out, 2, dim=0)
-    return guided + (guided - null) * guidance
-
-
-def ode_mel(
-    dit: Any,
-    noise: torch.Tensor,
-    code: torch.Tensor,
-    spk: torch.Tensor,
-    ecapa: torch.Tensor,
-    block_ids: torch.Tensor,
-    steps: int,
-    guidance: float,
-    sway: float,
-) -> torch.Tensor:
-    """The RK4 flow-matching integration of ``sample()``: noise → mel [B, F, mel]."""
-    ts = time_points(steps, sway)
-
-    def f(t: float, y: torch.Tensor) -> torch.Tensor:
-        return dit_eval(dit, y, t, code, spk, ecapa, block_ids, guidance)
-
-    y = noise
-    for t0, t1 in zip(ts[:-1], ts[1:], strict=True):
-        dt = t1 - t0
-        k1 = f(t0, y)
-        k2 = f(t0 + dt / 3, y + dt * k1 / 3)
-        k3 = f(t0 + 2 * dt / 3, y + dt * (k2 - k1 / 3))
-        k4 = f(t1, y + dt * (k1 - k2 + k3))
-        y = y + (k1 + 3 * (k2 + k3) + k4) * dt / 8
-    return y
 
 
 def vocode(big: Any, mel: torch.Tensor) -> torch.Tensor:
@@ -155,6 +96,11 @@ class ChunkAudio:
     tail_mel: torch.Tensor  # [mel, k] for the next chunk's left context (device)
 
 
+# The fast field may differ from the transformers layers by rounding only; beyond this
+# (relative to the velocity's size) it is taken to be wrong and the reference runs.
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
 class Token2Wav:
     """Batched, graph-captured, asynchronous chunked token2wav (see module docstring)."""
 
@@ -173,6 +119,7 @@ class Token2Wav:
         guidance: float,
         sway: float,
         graphs: bool,
+        fast_dit: bool = True,
     ) -> None:
         self.dit = model.code2wav_dit_model
         self.big = model.code2wav_bigvgan_model
@@ -184,7 +131,9 @@ class Token2Wav:
         self.chunk, self.first, self.la, self.ctx = chunk, first_chunk, lookahead, context
         self.vctx = vocoder_context
         self.steps, self.guidance, self.sway = steps, guidance, sway
-        self.window = context + max(chunk, first_chunk) + lookahead  # codec tokens per DiT window
+        self.window = context + max(chunk, first_chunk) + lookahead  # codec tokens per DiT window (the longest)
+        # Window lengths with a graph each: the first chunk's, and the longest.
+        self.windows = sorted({min(first_chunk + lookahead, self.window), self.window})
         self.frames = self.window * self.repeats
         self.vframes = 2 * vocoder_context + max(chunk, first_chunk) * self.repeats
         self.b_buckets = buckets(max_batch)
@@ -196,12 +145,32 @@ class Token2Wav:
         self._bid = torch.full((B, self.frames), PAD_BLOCK, dtype=torch.long, device=device)
         self._vmel = torch.full((B, self.mel_dim, self.vframes), mel_pad_value(), device=device, dtype=dtype)
         self.graphs = GraphCache(device, graphs, "token2wav")
-        self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        self.field: DiTField | None = None
+        self.check_error: float | None = None  # the fast field against the transformers layers
+        if fast_dit:
+            t0 = time.perf_counter()
+            field = DiTField(self.dit, steps, sway, guidance)
+            self.check_error = field.check()
+            ok = self.check_error <= CHECK_TOLERANCE.get(dtype, 3e-2)
+            log(_log, logging.INFO if ok else logging.ERROR,
+                "token2wav DiT field checked" if ok else "token2wav DiT field disagrees with transformers; "
+                "running the transformers layers", relative_error=f"{self.check_error:.2e}",
+                prepare_s=round(time.perf_counter() - t0, 3))
+            self.field = field if ok else None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device=device)
+            try:  # lower is higher; the default stream (the decode steps) is at 0
+                self.first_stream = torch.cuda.Stream(device=device, priority=-1)
+            except Exception:  # no stream priorities here: one side stream for every call
+                self.first_stream = self.stream
+        else:
+            self.stream = self.first_stream = None
         self._inflight: tuple[list[ChunkJob], list[tuple[int, int, int]], Any, Any, Any] | None = None
         self.calls = 0
         self.busy_s = 0.0
         self._launched_at = 0.0
         self.last_s = 0.0  # launch to results of the last call (device time, batched)
+        self.last_key: tuple[int, int] = (0, 0)  # (batch bucket, window frames) of the last call
 
     # ------------------------------------------------------------------ per speaker
     def speaker_features(self, ref_mel: torch.Tensor) -> torch.Tensor:
@@ -216,30 +185,28 @@ class Token2Wav:
         return n.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------ graphs
-    def _dit_fn(self, b: int) -> Callable[[], torch.Tensor]:
+    def dit_fn(self, b: int, frames: int) -> Callable[[], torch.Tensor]:
+        """The DiT over the static buffers of ``b`` rows and ``frames`` frames."""
+        tokens = frames // self.repeats
+
         def fn() -> torch.Tensor:
-            ec = torch.cat([self._ecapa[:b], self._ecapa[self._ecapa.shape[0] // 2 : self._ecapa.shape[0] // 2 + b]])
-            return ode_mel(
-                self.dit,
-                self._noise[:b],
-                self._code[:b],
-                self._spk[:b],
-                ec,
-                self._bid[:b],
-                self.steps,
-                self.guidance,
-                self.sway,
-            )
+            half = self._ecapa.shape[0] // 2
+            ec = torch.cat([self._ecapa[:b], self._ecapa[half : half + b]])
+            args = (self._noise[:b, :frames], self._code[:b, :tokens], self._spk[:b], ec, self._bid[:b, :frames])
+            if self.field is not None:
+                return self.field.ode(*args)
+            return reference_ode_mel(self.dit, *args, self.steps, self.guidance, self.sway)
 
         return fn
 
-    def _voc_fn(self, b: int) -> Callable[[], torch.Tensor]:
+    def voc_fn(self, b: int) -> Callable[[], torch.Tensor]:
         return lambda: vocode(self.big, self._vmel[:b])
 
     def capture(self) -> None:
         for b in self.b_buckets:
-            self.graphs.capture(("dit", b), self._dit_fn(b), stream=None)
-            self.graphs.capture(("voc", b), self._voc_fn(b), stream=None)
+            for w in self.windows:
+                self.graphs.capture(("dit", b, w * self.repeats), self.dit_fn(b, w * self.repeats), stream=None)
+            self.graphs.capture(("voc", b), self.voc_fn(b), stream=None)
 
     # ------------------------------------------------------------------ jobs
     def ready(self, codes: int, done: int, final: bool) -> tuple[int, int] | None:
@@ -271,17 +238,23 @@ class Token2Wav:
         b = bucket_for(len(jobs), self.b_buckets)
         half = self._ecapa.shape[0] // 2
         spans = []
-        ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for j in jobs:
+            w0 = max(0, j.c0 - self.ctx)
+            w1 = min(len(j.codes), j.c1 + self.la)
+            spans.append((w0, w1, w1 - w0))
+        window = bucket_for(max(n for _, _, n in spans), self.windows)
+        frames = window * self.repeats
+        self.last_key = (b, frames)
+        first = any(j.c0 == 0 for j in jobs)
+        stream = self.first_stream if first else self.stream
+        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         with ctx:
-            self._noise.zero_()
-            self._code.zero_()
-            self._bid.fill_(PAD_BLOCK)
-            for i, j in enumerate(jobs):
-                w0 = max(0, j.c0 - self.ctx)
-                w1 = min(len(j.codes), j.c1 + self.la)
-                n = w1 - w0
+            self._noise[:b, :frames].zero_()
+            self._code[:b, :window].zero_()
+            self._bid[:b, :frames].fill_(PAD_BLOCK)
+            for i, (j, (w0, w1, n)) in enumerate(zip(jobs, spans, strict=True)):
                 fr = n * self.repeats
                 codes = torch.tensor(j.codes[w0:w1], dtype=torch.long).clamp_(0, self.num_embeds - 1)
                 self._code[i, :n].copy_(codes.to(self.device, non_blocking=True))
@@ -290,8 +263,7 @@ class Token2Wav:
                 self._spk[i].copy_(j.spk[0])
                 self._ecapa[i].copy_(j.ecapa[0])
                 self._ecapa[half + i].copy_(j.ecapa[1])
-                spans.append((w0, w1, n))
-            mel = self.graphs.run(("dit", b), self._dit_fn(b))  # [b, frames, mel]
+            mel = self.graphs.run(("dit", b, frames), self.dit_fn(b, frames))  # [b, frames, mel]
             self._vmel.fill_(mel_pad_value())
             tails = []
             for i, (j, (w0, w1, _)) in enumerate(zip(jobs, spans, strict=True)):
@@ -304,11 +276,11 @@ class Token2Wav:
                 self._vmel[i, :, : seq.shape[1]].copy_(seq)
                 keep = body[:, -self.vctx :].clone() if self.vctx else body[:, :0]
                 tails.append((left.shape[1], body.shape[1], keep))
-            wav = self.graphs.run(("voc", b), self._voc_fn(b))  # [b, vframes * HOP]
+            wav = self.graphs.run(("voc", b), self.voc_fn(b))  # [b, vframes * HOP]
             pcm = [wav[i, lf * HOP : (lf + bf) * HOP].float().clone() for i, (lf, bf, _) in enumerate(tails)]
-            done = torch.cuda.Event() if self.stream is not None else None
+            done = torch.cuda.Event() if stream is not None else None
             if done is not None:
-                done.record(self.stream)
+                done.record(stream)
         self._inflight = (jobs, spans, pcm, [t[2] for t in tails], done)
         self._launched_at = t0
         self.calls += 1

@@ -296,6 +296,23 @@ def test_speech_started_during_playback_cancels_the_reply_in_the_same_step() -> 
     assert s.play(rid, 3) == [False, False, False]
 
 
+def test_a_client_cancel_that_crosses_the_servers_turn_detected_cancel_is_not_an_error() -> None:
+    """LiveKit sends response.cancel on speech_started; the server cancelled already."""
+    s = Session()
+    rid = _speaking_response(s)
+    s.talk(speech(400))
+    assert s.done(rid).response.reason == "turn_detected"
+    m = s.mark()
+    s.a.on_cancel(ResponseCancel(SID, s.a.epoch, s.seq, event_id="lk1"), s.now)
+    s.a.on_cancel(ResponseCancel(SID, s.a.epoch, s.seq, response_id=rid, event_id="lk2"), s.now)
+    s.take()
+    assert s.sent(ErrorEvent, since=m) == [] and s.sent(ResponseDone, since=m) == []
+    # Any other cancel with nothing active still is one.
+    s.a.on_cancel(ResponseCancel(SID, s.a.epoch, s.seq, response_id="resp_other", event_id="x"), s.now)
+    s.take()
+    assert [e.code for e in s.sent(ErrorEvent, since=m)] == ["response_cancel_not_active"]
+
+
 def test_with_interrupt_response_off_speech_over_the_reply_is_a_turn_answered_after_it() -> None:
     s = Session(vad=VadParams(prefix_padding_ms=100, silence_duration_ms=300, interrupt_response=False))
     rid = _speaking_response(s)

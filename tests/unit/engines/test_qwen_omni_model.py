@@ -44,6 +44,10 @@ def test_slot_decoder_matches_the_thinker_across_slots_prefill_and_decode(config
     lm = thinker_text_model(thinker)
     dec = SlotDecoder(lm.layers, lm.norm, DecoderShape.of(config.thinker_config.text_config), 3, 64, CPU,
                       torch.float32)
+    # Fused q/k/v and gate/up weights: the modules' weights are views of them (no second copy).
+    attn = lm.layers[0].self_attn
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == dec.wqkv[0].untyped_storage().data_ptr()
+    assert dec.fused_norm
     ids = torch.randint(0, 200, (2, 12))
     ref = thinker(input_ids=ids, output_hidden_states=True)
     hs = ref.hidden_states[-1]  # final-norm output: what the talker reads

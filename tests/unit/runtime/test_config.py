@@ -235,7 +235,7 @@ def test_secrets_split_and_merge_round_trip(tmp_path: Path) -> None:
 
 def test_make_run_takes_port_host_and_config() -> None:
     out = subprocess.run(
-        ["make", "-n", "run", "PORT=8123", "HOST=127.0.0.2", "CONFIG=my.toml"],
+        ["make", "--no-print-directory", "-n", "run", "PORT=8123", "HOST=127.0.0.2", "CONFIG=my.toml"],
         check=False,
         capture_output=True,
         text=True,
