@@ -49,9 +49,10 @@ SYSTEMS = ("native", "realtime", "pipecat")
 SESSIONS_PER_GENERATOR = 150
 LATENCY_GOAL_MS = 50.0
 
+ECHO_CHUNK_MS = 100
 ECHO_SECTIONS: dict[str, dict[str, Any]] = {
     "engine": {"name": "scripted"},
-    "engines.scripted": {"echo": True, "input_rate": 16000, "chunk_ms": 100, "reply_ms": 5000},
+    "engines.scripted": {"echo": True, "input_rate": 16000, "chunk_ms": ECHO_CHUNK_MS, "reply_ms": 5000},
     "session": {"turn_mode": "duplex", "force_listen_count": 0},
     "logging": {"level": "WARNING"},
 }
@@ -96,7 +97,8 @@ class PipecatServer:
     def __init__(self) -> None:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="pipecat-", suffix=".log", delete=False)
+        fd, self.log_path = tempfile.mkstemp(prefix="pipecat-", suffix=".log")
+        self.log = os.fdopen(fd, "wb")
 
     def __enter__(self) -> PipecatServer:
         self.proc = subprocess.Popen(
@@ -108,7 +110,7 @@ class PipecatServer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"pipecat server exited: {Path(self.log.name).read_text()[-2000:]}")
+                raise RuntimeError(f"pipecat server exited: {Path(self.log_path).read_text()[-2000:]}")
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1).read()
                 return self
@@ -127,8 +129,15 @@ class PipecatServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
         with contextlib.suppress(OSError):
-            os.unlink(self.log.name)
+            os.unlink(self.log_path)
+
+
+def _temp_path(prefix: str, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    os.close(fd)
+    return path
 
 
 def duplexd_pids(server: ServerProcess) -> list[int]:
@@ -142,7 +151,7 @@ def run_point(
 ) -> Point:
     generators = max(1, math.ceil(n / SESSIONS_PER_GENERATOR))
     shares = [n // generators + (1 if i < n % generators else 0) for i in range(generators)]
-    outs = [tempfile.NamedTemporaryFile(prefix="loadgen-", suffix=".json", delete=False).name for _ in shares]
+    outs = [_temp_path("loadgen-", ".json") for _ in shares]
     mem0 = procstat.total_pss_kb(pids)
     procs = []
     for i, share in enumerate(shares):
@@ -153,7 +162,7 @@ def run_point(
             "port": port,
             "warmup_s": warmup_s,
             "measure_s": measure_s,
-            "engine_chunk_ms": 100,
+            "engine_chunk_ms": 20 if system == "pipecat" else ECHO_CHUNK_MS,
             "seed": i * 1000,
         }
         procs.append(

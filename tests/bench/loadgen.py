@@ -8,9 +8,13 @@ protocols: frames are pre-built and pre-masked, so the generator's cost per fram
 back.
 
 Added latency of an echo: for each output message, the time from sending the input frame
-that holds its last sample (in input time, sample for sample) to receiving the message.
-It therefore includes everything the server adds: chunking waits, resampler look-ahead,
-queueing, model steps. Protocols:
+that completes the engine chunk holding the message's last sample (in input time, sample
+for sample: the echo plays input back) to receiving the message. Waiting for a chunk to
+fill is the model's format, not the server's cost; everything after it counts: resampler
+look-ahead, queueing, bus hops, model steps, websocket sends. Pipecat's pipeline has no
+engine chunk (it echoes every 20 ms frame), so for it the chunk is one frame. The native
+protocol's decisions (``response.speak``/``listen`` of chunk k) are timed from the frame
+that completes chunk k. Protocols:
 
 * ``native``: ``/v1/duplex``, binary frames in (0x01 + pcm); binary audio frames out (0x81
   + header + pcm); decisions (``response.speak``/``listen``) are JSON;
@@ -257,7 +261,8 @@ def on_message(sess: Session, binary: bool, payload: bytes, now: float) -> None:
     if samples <= 0:
         return
     sess.out_samples += samples
-    f = (sess.out_samples - 1) // FRAME_SAMPLES  # the input frame holding this message's last sample
+    last = (sess.out_samples - 1) // FRAME_SAMPLES  # the input frame holding this message's last sample
+    f = (last // sess.chunk_frames + 1) * sess.chunk_frames - 1  # the frame that completes its chunk
     if sess.measure_from <= f < min(sess.sent, sess.measure_to):
         sess.latencies.append(now - sess.sent_at[f])
 
