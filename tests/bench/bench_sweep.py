@@ -48,6 +48,7 @@ PY_SPY = REPO / ".venv-clients" / "bin" / "py-spy"
 SYSTEMS = ("native", "realtime", "pipecat")
 SESSIONS_PER_GENERATOR = 150
 LATENCY_GOAL_MS = 50.0
+STOP_AFTER_FAILURES = 2
 
 ECHO_CHUNK_MS = 100
 ECHO_SECTIONS: dict[str, dict[str, Any]] = {
@@ -79,6 +80,7 @@ class Point:
     send_lag_p99_ms: float
     loadavg: float
     window_s: float
+    role_cores: dict[str, float]  # server cores by process (duplexd: supervisor and roles)
 
     def ok(self) -> bool:
         """Real time: the latency goal met and nothing lost."""
@@ -117,9 +119,9 @@ class PipecatServer:
             time.sleep(0.2)
         raise TimeoutError("pipecat server did not start")
 
-    def pids(self) -> list[int]:
+    def pids(self) -> dict[str, int]:
         assert self.proc is not None
-        return [self.proc.pid]
+        return {"pipecat": self.proc.pid}
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
@@ -140,15 +142,20 @@ def _temp_path(prefix: str, suffix: str) -> str:
     return path
 
 
-def duplexd_pids(server: ServerProcess) -> list[int]:
-    """The supervisor and its children: the four roles."""
+def duplexd_pids(server: ServerProcess) -> dict[str, int]:
+    """The supervisor and its children (the four roles), by role."""
     assert server.proc is not None
-    return [server.proc.pid, *procstat.children(server.proc.pid)]
+    _, body = server.health()
+    names = {r["pid"]: r["role"] for r in body.get("roles", []) if isinstance(r, dict)}
+    kids = procstat.children(server.proc.pid)
+    return {"supervisor": server.proc.pid, **{names.get(p, f"pid{p}"): p for p in kids}}
 
 
 def run_point(
-    system: str, n: int, port: int, pids: list[int], warmup_s: float, measure_s: float, profile: Path | None = None
+    system: str, n: int, port: int, roles: dict[str, int], warmup_s: float, measure_s: float,
+    profile: Path | None = None,
 ) -> Point:
+    pids = list(roles.values())
     generators = max(1, math.ceil(n / SESSIONS_PER_GENERATOR))
     shares = [n // generators + (1 if i < n % generators else 0) for i in range(generators)]
     outs = [_temp_path("loadgen-", ".json") for _ in shares]
@@ -187,6 +194,7 @@ def run_point(
     gen_pids = [p.pid for p in procs]
     time.sleep(max(0.0, start_at + warmup_s - time.time()))
     cpu0, gen0, t0 = procstat.total_cpu_s(pids), procstat.total_cpu_s(gen_pids), time.monotonic()
+    role0 = {r: procstat.cpu_s(p) for r, p in roles.items()}
     spy = None
     if profile is not None:
         spy = subprocess.Popen(
@@ -197,6 +205,7 @@ def run_point(
         )
     time.sleep(max(0.0, start_at + warmup_s + measure_s - time.time()))
     cpu1, gen1, t1 = procstat.total_cpu_s(pids), procstat.total_cpu_s(gen_pids), time.monotonic()
+    role1 = {r: procstat.cpu_s(p) for r, p in roles.items()}
     mem1 = procstat.total_pss_kb(pids)
     load = procstat.loadavg()[0]
     results = []
@@ -239,6 +248,7 @@ def run_point(
         send_lag_p99_ms=pct(lag, 99),
         loadavg=load,
         window_s=window,
+        role_cores={r: round((role1[r] - role0[r]) / window, 3) for r in roles},
     )
 
 
@@ -246,8 +256,11 @@ def sweep(
     counts: list[int], systems: tuple[str, ...], warmup_s: float, measure_s: float, profile_dir: Path | None = None
 ) -> list[Point]:
     points: list[Point] = []
+    broken: dict[str, int] = {}  # consecutive counts a system was not real time at
     for n in counts:
         for system in systems:
+            if broken.get(system, 0) >= STOP_AFTER_FAILURES:
+                continue  # past where it breaks: higher N only burns the shared machine
             prof = None
             if profile_dir is not None and n == max(counts):
                 prof = profile_dir / f"{system}-{n}.txt"
@@ -262,11 +275,12 @@ def sweep(
                     pids = duplexd_pids(server)
                     pt = run_point(system, n, server.port, pids, warmup_s, measure_s, prof)
             points.append(pt)
+            broken[system] = 0 if pt.ok() else broken.get(system, 0) + 1
             print(
                 f"  {system:8} N={n:4}: p50 {pt.p50_ms:6.1f} p99 {pt.p99_ms:7.1f} ms, "
                 f"cpu/session-s {pt.cpu_per_session_s:.5f} ({pt.server_cores:.2f} cores), "
                 f"mem {pt.mem_kb_per_session:6.0f} kB/session, drops {pt.drop_pct:.2f} %, "
-                f"errors {pt.errors}, load {pt.loadavg:.2f}",
+                f"errors {pt.errors}, load {pt.loadavg:.2f}; cores {pt.role_cores}",
                 flush=True,
             )
     return points
@@ -321,10 +335,10 @@ def main(quick: bool = False, argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="py-spy the server at the highest N")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv or [])
-    counts = [int(x) for x in args.counts.split(",") if x] or ([10] if quick else [50, 100, 200, 300, 400, 600, 800])
+    counts = [int(x) for x in args.counts.split(",") if x] or ([5] if quick else [50, 100, 200, 300, 400, 600, 800])
     systems = tuple(s for s in args.systems.split(",") if s)
-    warmup = args.warmup or (1.0 if quick else 3.0)
-    measure = args.measure or (2.0 if quick else 8.0)
+    warmup = args.warmup or (0.5 if quick else 3.0)
+    measure = args.measure or (1.5 if quick else 8.0)
     RESULTS.mkdir(exist_ok=True)
     prof_dir = RESULTS / "profiles" if args.profile else None
     if prof_dir is not None:
