@@ -40,6 +40,7 @@ from duplexd.bus.messages import (
     AudioIn,
     AudioOut,
     ChunkKind,
+    CloseCause,
     CommitPolicy,
     ContentPart,
     ContextUpdate,
@@ -353,7 +354,7 @@ class SessionActor:
         self._emit(Dest.STAGE1, StageOpen(self.session_id, self.epoch, self.config), "control")
         self._event(SessionOpened(self.session_id, self.epoch, self.engine))
 
-    def close(self, now: float, reason: str = "closed") -> None:
+    def close(self, now: float, reason: str = "closed", cause: CloseCause = CloseCause.NORMAL) -> None:
         if self.closed:
             return
         # Nothing may start while closing: no queued turn, no deferred speak, no fence.
@@ -366,7 +367,7 @@ class SessionActor:
         self.closed = True
         self._emit(Dest.STAGE0, StageClose(self.session_id, self.epoch), "control")
         self._emit(Dest.STAGE1, StageClose(self.session_id, self.epoch), "control")
-        self._event(SessionClosed(self.session_id, self.epoch, reason))
+        self._event(SessionClosed(self.session_id, self.epoch, reason, cause=cause))
 
     def _reset_detector(self) -> None:
         if self.config.turn_mode == TurnMode.SERVER_VAD:
@@ -1059,7 +1060,7 @@ class SessionActor:
         if err.code == "stage_open_failed":
             # The stage refused the session: nothing sent there would ever be answered.
             self._error(err.code, message + "; the session is closed", type_="server_error")
-            self.close(now, "model stage refused the session")
+            self.close(now, "model stage refused the session", CloseCause.FAILED)
             return
         if err.epoch < self.epoch:
             # About work of an older epoch: the response it served has already ended.
@@ -1087,7 +1088,7 @@ class SessionActor:
                 "the model stage did not accept a control message; the session is closed to keep it consistent",
                 type_="server_error",
             )
-            self.close(now, "stage unreachable")
+            self.close(now, "stage unreachable", CloseCause.FAILED)
         elif isinstance(msg, AudioChunk):
             if self._outstanding.pop(msg.chunk_seq, None) is not None:
                 self.chunks_sent -= 1  # it never left: nothing will answer it
@@ -1099,6 +1100,18 @@ class SessionActor:
             r = self.response
             if r is not None and msg.response_id == r.id:
                 self._fail(now, "overloaded", "speech synthesis is overloaded")
+
+    def on_client_overloaded(self, now: float) -> None:
+        """The adapter cannot take this session's events as fast as they come: fail the
+        response (error, epoch advance, ``response.done`` failed), or close the session
+        when none is active."""
+        if self.closed:
+            return
+        if self.response is not None:
+            self._fail(now, "overloaded", "the server could not deliver this response in time; it was stopped")
+            return
+        self._error("overloaded", "the server could not deliver this session's events in time", type_="server_error")
+        self.close(now, "overloaded", CloseCause.FAILED)
 
     def on_stage_lost(self, role: Role, now: float) -> None:
         """The stage serving this session died: fail what it was doing."""

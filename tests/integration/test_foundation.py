@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from duplexd.actors.engines.scripted import response_tag
+from duplexd.bus.messages import PROTOCOL_VERSION
 from tests.harness import NativeClient, ServerProcess, tone
 
 pytestmark = pytest.mark.timeout(60)
@@ -18,9 +19,9 @@ def test_health_reports_four_ready_roles_with_distinct_pids(scripted_server: Ser
     assert body["status"] == "ok"
     roles = {r["role"]: r for r in body["roles"]}
     assert set(roles) == {"adapter", "host", "stage0", "stage1"}
-    assert all(r["state"] == "ready" and r["protocol_version"] == 1 for r in roles.values())
+    assert all(r["state"] == "ready" and r["protocol_version"] == PROTOCOL_VERSION for r in roles.values())
     assert len({r["pid"] for r in roles.values()}) == 4
-    assert body["protocol_version"] == 1
+    assert body["protocol_version"] == PROTOCOL_VERSION
     assert body["engine"]["name"] == "scripted"
 
 
