@@ -123,6 +123,7 @@ class SessionHost:
         # When the loop last read the control plane: silence is judged from there, so a
         # stall of this process is never blamed on peers whose heartbeats wait unread.
         self._control_read_at = 0.0
+        self._exited: set[bytes] = set()  # peers found dead while sending; handled after that flush
         self.on_turn: Callable[[], object] | None = None  # once per loop turn (the watchdog ping)
         self._stop = asyncio.Event()
         self._chan: Channel | None = None
@@ -235,9 +236,11 @@ class SessionHost:
                 if dest is None:
                     continue  # that stage is gone; the session is re-opened where it rebinds
                 if not self._send(dest, _plane(out.plane), out.msg, out.frames):
-                    if out.dest != Dest.ADAPTER:
+                    # A stage whose process just exited: not "overloaded"; its loss fails the
+                    # work below. (To the adapter: it is gone; _peer_gone closes its sessions.)
+                    if out.dest != Dest.ADAPTER and not self._exited_now(dest):
                         actor.on_send_failed(out, now)
-                    continue  # (to the adapter: it is gone; _peer_gone closes its sessions)
+                    continue
                 b.observe(out, now)
             if not actor.outbox:
                 self._relieve(b, now)
@@ -245,6 +248,18 @@ class SessionHost:
             self._forget(sid)
         else:
             self._schedule(sid, actor.next_deadline())
+        while self._exited:
+            peer = self.peers.get(self._exited.pop())
+            if peer is not None:
+                self._dead(peer, "process exited", self.now())
+
+    def _exited_now(self, identity: bytes) -> bool:
+        """Whether the peer a send to failed is a process on this machine that has exited."""
+        peer = self.peers.get(identity)
+        if peer is None or peer.hostname != self._hostname or not process_exited(peer.pid):
+            return False
+        self._exited.add(identity)
+        return True
 
     def _relieve(self, b: Bound, now: float) -> None:
         """A session whose events wait too long for its adapter fails visibly: its response
@@ -396,6 +411,11 @@ class SessionHost:
 
     def _ready_msg(self) -> Ready:
         return Ready(PROTOCOL_VERSION, self.instance, pid=os.getpid(), hostname=self._hostname)
+
+    def _dead(self, peer: Peer, reason: str, now: float) -> None:
+        silent = round(now - peer.life.last_seen, 2)
+        log(_log, logging.ERROR, "peer dead", peer=peer.name, peer_role=peer.role.value, reason=reason, silent_s=silent)
+        self._peer_gone(peer, reason)
 
     def _peer_gone(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.identity) is not peer:
@@ -585,16 +605,7 @@ class SessionHost:
                 if peer is None:
                     self.book.forget(life.identity)
                     continue
-                log(
-                    _log,
-                    logging.ERROR,
-                    "peer dead",
-                    peer=peer.name,
-                    peer_role=peer.role.value,
-                    reason=reason,
-                    silent_s=round(now - life.last_seen, 2),
-                )
-                self._peer_gone(peer, reason)
+                self._dead(peer, reason, now)
             beat = self.book.heartbeat_due(now)
             if beat is not None:
                 for p in list(self.peers.values()):

@@ -36,7 +36,6 @@ from duplexd.bus.beacon import Beacon
 from duplexd.bus.liveness import HandshakeError, HostWatch, process_exited
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
-    CAPACITY_EXCEEDED,
     PROTOCOL_VERSION,
     AdapterEvent,
     AudioIn,
@@ -96,14 +95,6 @@ SlowHandler = Callable[[str], Coroutine[Any, Any, None]]
 
 class SessionUnavailable(Exception):
     """The session cannot be opened (host down, stages not ready, server draining)."""
-
-
-class SessionRefused(SessionUnavailable):
-    """Admission refused the session (no capacity, draining): try again later (1013)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +383,6 @@ class HostLink:
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="host-link")
-        self.beacon.start()
 
     async def wait_connected(self, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
@@ -425,13 +415,6 @@ class HostLink:
     ) -> SessionLink:
         if not self.ready():
             raise SessionUnavailable("the server is not ready (model stages starting, restarting or draining)")
-        if self.status is not None and self.status.available == 0:
-            # Refused here, at once, with the host's code; the host stays the authority
-            # (this status may lag a session that just ended by one broadcast).
-            raise SessionRefused(
-                CAPACITY_EXCEEDED,
-                f"the server is at capacity ({self.status.sessions} sessions); try again when a session ends",
-            )
         link = SessionLink(self, session_id, handler, self.egress, on_slow)
         link.engine = self.engine
         self.sessions[session_id] = link
@@ -478,6 +461,7 @@ class HostLink:
         self.watch = HostWatch(self.hb_interval, self.hb_timeout, self.metrics_interval)
         self.watch.connected(ready, time.monotonic())
         self._control_read_at = time.monotonic()
+        self.beacon.start()  # (once: it outlives reconnections)
         self.connected = True
         self._connected_event.set()
         log(_log, logging.INFO, "connected to session host", instance=ready.host_instance)

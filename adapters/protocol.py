@@ -24,7 +24,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from duplexd.adapters.audio import AudioFormat, AudioFormatError, InputResampler, decode
-from duplexd.adapters.link import HostLink, SessionLink, SessionRefused, SessionUnavailable
+from duplexd.adapters.link import HostLink, SessionLink, SessionUnavailable
 from duplexd.adapters.validation import ClientError
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
@@ -154,9 +154,6 @@ class ProtocolHandler(abc.ABC):
             if self.open_on_connect:
                 try:
                     self.open_session(self.session_id(), self.config)
-                except SessionRefused as exc:
-                    await self.refuse(exc.code, str(exc))
-                    return
                 except SessionUnavailable as exc:
                     await self.refuse("server_unavailable", str(exc), "server not ready")
                     return
@@ -213,8 +210,6 @@ class ProtocolHandler(abc.ABC):
             await self.send_error(exc.code, str(exc), exc.type, exc.param, event_id, event_type=etype)
         except AudioFormatError as exc:
             await self.send_error(exc.code, str(exc), "invalid_request_error", "audio", event_id, event_type=etype)
-        except SessionRefused as exc:
-            await self.refuse(exc.code, str(exc), event_id=event_id, event_type=etype)
         except SessionUnavailable as exc:
             await self.send_error("session_unavailable", str(exc), "server_error", "", event_id, event_type=etype)
         except Backpressure:
@@ -262,10 +257,10 @@ class ProtocolHandler(abc.ABC):
         except ConnectionClosed:
             pass
 
-    async def refuse(self, code: str, message: str, close_reason: str = "", **kw: Any) -> None:
-        """Admission said no: one error event, then close 1013 ("try again later")."""
+    async def refuse(self, code: str, message: str, close_reason: str = "") -> None:
+        """Not now: one error event, then close 1013 ("try again later")."""
         self._closing = True
-        await self.send_error(code, message, "server_error", **kw)
+        await self.send_error(code, message, "server_error")
         await self.close_ws(CLOSE_CODES[CloseCause.REFUSED], (close_reason or message)[:120])
 
     async def _on_slow_client(self, reason: str) -> None:

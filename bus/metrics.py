@@ -76,7 +76,10 @@ LOCAL_LLM_FIRST_TOKEN_SECONDS = Histogram(
     registry=REGISTRY,
 )
 CONNECTIONS = Gauge("duplexd_ws_connections", "Open websocket connections", ["endpoint"], registry=REGISTRY)
-ROLE_RESTARTS = Counter("duplexd_role_restarts", "Roles restarted by the supervisor", ["role"], registry=REGISTRY)
+# Reported by the restarted process itself (its role and identity labels say which).
+ROLE_RESTARTS = Counter(
+    "duplexd_role_restarts", "Times the supervisor restarted this role (crash or watchdog)", registry=REGISTRY
+)
 ADMISSIONS_REFUSED = Counter(
     "duplexd_admissions_refused",
     "New sessions refused at admission, by the limit that refused them",

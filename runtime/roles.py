@@ -30,20 +30,20 @@ from duplexd.bus.metrics import ROLE_RESTARTS
 from duplexd.runtime import sdnotify
 from duplexd.runtime.config import Config
 from duplexd.runtime.preflight import EXIT_NO_RESTART
+from duplexd.runtime.supervisor import RESTARTS_ENV
 from duplexd.runtime.watchdog import Watchdog
 
 _log = get_logger("duplexd.runtime")
 
 ROLES = ("host", "stage0", "stage1", "adapter")
-RESTARTS_ENV = "DUPLEXD_ROLE_RESTARTS"  # set by the supervisor: how often this role was restarted
 
 
-def count_restarts(role: str) -> None:
-    """``duplexd_role_restarts_total{role}`` in this role's own metrics: the supervisor that
-    restarted it has no /metrics of its own, so the restarted process reports it."""
+def count_restarts() -> None:
+    """``duplexd_role_restarts_total`` in this role's own metrics (tagged with its role when
+    shipped): the supervisor that restarted it has no /metrics, so the new process reports it."""
     n = os.environ.get(RESTARTS_ENV, "")
     if n.isdigit() and int(n) > 0:
-        ROLE_RESTARTS.labels(role=role).inc(int(n))
+        ROLE_RESTARTS.inc(int(n))
 
 
 def _worker_options(cfg: Config, max_sessions: int) -> WorkerOptions:
@@ -54,7 +54,7 @@ def _worker_options(cfg: Config, max_sessions: int) -> WorkerOptions:
 
 
 def run_host(cfg: Config) -> int:
-    count_restarts("host")
+    count_restarts()
     settings = HostSettings(
         vad=cfg.host.vad, max_input_buffer_ms=cfg.host.max_input_buffer_ms, continuation_pace=cfg.host.continuation_pace
     )
@@ -128,7 +128,7 @@ def _cannot_start(role: str, reason: str) -> int:
 
 
 def run_stage0(cfg: Config) -> int:
-    count_restarts("stage0")
+    count_restarts()
     missing = missing_requirements(cfg.engine.name, cfg.engines)
     if missing is not None:
         return _cannot_start("stage0", missing)
@@ -144,7 +144,7 @@ def run_stage0(cfg: Config) -> int:
 
 
 def run_stage1(cfg: Config) -> int:
-    count_restarts("stage1")
+    count_restarts()
     missing = missing_requirements(cfg.engine.name, cfg.engines)
     if missing is not None:
         return _cannot_start("stage1", missing)
@@ -164,7 +164,7 @@ def run_stage1(cfg: Config) -> int:
 
 
 def run_adapter(cfg: Config) -> int:
-    count_restarts("adapter")
+    count_restarts()
     b = cfg.bus
     bind_error: list[str] = []
 

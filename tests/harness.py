@@ -187,17 +187,25 @@ class EventLog:
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
+        self.times: list[float] = []  # time.monotonic() each event arrived (same index)
         self.closed = False
+        self.closed_at: float | None = None
         self._cond = asyncio.Condition()
 
     async def add(self, event: dict[str, Any]) -> None:
         async with self._cond:
             self.events.append(event)
+            self.times.append(time.monotonic())
             self._cond.notify_all()
+
+    def time_of(self, event: dict[str, Any]) -> float:
+        """When ``event`` (one of ``events``) arrived."""
+        return self.times[next(i for i, e in enumerate(self.events) if e is event)]
 
     async def mark_closed(self) -> None:
         async with self._cond:
             self.closed = True
+            self.closed_at = time.monotonic()
             self._cond.notify_all()
 
     def of(self, etype: str, start: int = 0) -> list[dict[str, Any]]:
