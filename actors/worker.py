@@ -44,7 +44,7 @@ from duplexd.bus.messages import (
     StageError,
     StageOpen,
 )
-from duplexd.bus.metrics import BACKPRESSURE, BUS_BAD_FRAMES, BUS_MESSAGES, STALE_DROPPED, snapshot
+from duplexd.bus.metrics import BACKPRESSURE, BUS_BAD_FRAMES, BUS_MESSAGES, QUEUE_DEPTH, STALE_DROPPED, snapshot
 from duplexd.bus.sockets import (
     CONTROL,
     DATA,
@@ -109,6 +109,7 @@ class StageWorker(abc.ABC):
         self.on_turn: Callable[[], object] | None = None  # once per loop turn (the watchdog ping)
         self._instance = ""
         self._hostname = socket.gethostname()
+        QUEUE_DEPTH.labels(queue="stage_held").set_function(lambda: len(self.held))
         self.beacon = Beacon(
             addrs, self.identity, self.opts.heartbeat_interval_s, self.opts.metrics_interval_s, snapshot
         )

@@ -63,6 +63,7 @@ CLOSE_CODES: dict[CloseCause, int] = {
     CloseCause.SHUTDOWN: 1001,
 }
 CLOSE_TIMEOUT_S = 2.0  # a close frame that cannot leave in this long: the connection is aborted
+SLOW_NOTICE_S = 5.0  # how long a client cut for not reading has to read why (client_too_slow)
 
 
 class Listener(Protocol):
@@ -268,7 +269,7 @@ class ProtocolHandler(abc.ABC):
         said, and close with 1008 (aborted when even that cannot leave)."""
         self._closing = True
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            async with asyncio.timeout(SLOW_NOTICE_S):
                 await self.send_error("client_too_slow", reason, "server_error")
         await self.close_ws(CLOSE_CODES[CloseCause.SLOW_CLIENT], "client not reading its events")
 

@@ -70,6 +70,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # Above the largest append: its JSON, and room for an append a little too large to still get
 # the audio_too_large error event (a frame above the limit can only close the socket, 1009).
 _FRAME_SLACK = 1024 * 1024
+# The kernel's send buffer per client connection, fixed (no autotuning to megabytes): what a
+# client that stops reading can leave unread there stays small (Linux doubles it: ~4 s of
+# base64 pcm16 at 24 kHz), so the slow-client bound in the adapter sees it soon.
+CLIENT_SNDBUF = 128 * 1024
 
 
 def frame_limit(settings: ServerSettings) -> int:
@@ -203,6 +207,10 @@ class WebsocketServer:
         if factory is None:  # pragma: no cover - process_request filtered it
             await conn.close(1008, "no such endpoint")
             return
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF)
         handler = factory(conn, self)
         self.handlers.add(handler)
         try:

@@ -116,6 +116,13 @@ def validate(cfg: Config) -> Config:
         problems.append("bus.heartbeat_timeout_s must be longer than bus.heartbeat_interval_s")
     if 0 < cfg.server.max_message_bytes < 1024:
         problems.append("server.max_message_bytes must be 0 (derived from max_audio_bytes) or at least 1024")
+    lead = cfg.stage1.max_lead_ms
+    if lead and cfg.server.slow_client_audio_ms < lead + 1000:
+        # A client that reads in real time has up to max_lead_ms of audio waiting, legitimately.
+        problems.append(
+            f"server.slow_client_audio_ms ({cfg.server.slow_client_audio_ms}) must be at least "
+            f"stage1.max_lead_ms + 1000 ({lead + 1000})"
+        )
     if 0 < cfg.supervisor.watchdog_s < 1:
         problems.append("supervisor.watchdog_s must be 0 (off) or at least 1 second")
     if cfg.server.bridge_port and cfg.server.bridge_port == cfg.server.port:
