@@ -15,6 +15,7 @@ from duplexd.bus.messages import (
     Decision,
     ErrorEvent,
     InputCommitted,
+    KvLease,
     ResponseCreated,
     ResponseDone,
     SpeechStopped,
@@ -37,6 +38,7 @@ class Bound:
     decision_shown: int = -1  # newest chunk_seq whose Decision reached the adapter
     speech_end_at: float | None = None  # the user's turn ended (speech stopped, or committed)
     turn_response: str = ""  # the response that answers that turn
+    kv_lease: KvLease | None = None  # the newest lease report of its stage0
 
     def observe(self, out: Out, now: float) -> None:
         """``out`` has just left for its peer."""

@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from duplexd.actors import admission
 from duplexd.actors.backlog import BacklogBudget
 from duplexd.actors.bound import Bound
@@ -35,6 +37,7 @@ from duplexd.bus.messages import (
     PROTOCOL_VERSION,
     AudioOut,
     ChunksAnswered,
+    ClientCommand,
     CloseCause,
     ClusterStatus,
     ControlMessage,
@@ -45,6 +48,7 @@ from duplexd.bus.messages import (
     Heartbeat,
     Hello,
     HelloRequired,
+    KvLeaseReport,
     Message,
     NoNewSessions,
     Plane,
@@ -56,6 +60,7 @@ from duplexd.bus.messages import (
     SessionClose,
     SessionClosed,
     SessionOpen,
+    Snapshot,
     Stage0Result,
     StageError,
 )
@@ -231,10 +236,15 @@ class SessionHost:
         now = self.now()
         # Sending can make the actor emit more (a failed send is itself an event): loop.
         while actor.outbox:
-            for out in actor.drain():
+            for out in actor.take_outbox():
                 dest = self._dest(b, out.dest)
                 if dest is None:
                     continue  # that stage is gone; the session is re-opened where it rebinds
+                if isinstance(out.msg, Snapshot) and b.kv_lease is not None:
+                    # The actor builds the snapshot; the lease is stage0's and joins it here.
+                    out.msg = msgspec.structs.replace(
+                        out.msg, snapshot=msgspec.structs.replace(out.msg.snapshot, kv_lease=b.kv_lease)
+                    )
                 if not self._send(dest, _plane(out.plane), out.msg, out.frames):
                     # A stage whose process just exited: not "overloaded"; its loss fails the
                     # work below. (To the adapter: it is gone; _peer_gone closes its sessions.)
@@ -368,6 +378,10 @@ class SessionHost:
                 if b is not None:
                     b.actor.on_cancel(msg, now)
                     self._flush(sid)
+            case KvLeaseReport(session_id=sid, lease=lease):
+                b = self.sessions.get(sid)
+                if b is not None and r.identity == b.stage0:
+                    b.kv_lease = msgspec.structs.replace(lease, holder=peer.name)
             case StageError(session_id=sid):
                 STAGE_ERRORS.labels(stage=msg.role.value).inc()
                 b = self.sessions.get(sid)
@@ -569,7 +583,7 @@ class SessionHost:
         now = self.now()
         actor = b.actor
         if peer.role == Role.ADAPTER:
-            if r.identity != b.adapter:
+            if r.identity != b.adapter or not isinstance(msg, ClientCommand):
                 return
             actor.on_command(msg, now)
         elif isinstance(msg, Stage0Result):

@@ -5,6 +5,11 @@ Input audio is never epoch-dropped here: it is the user's voice and the model's 
 must hold all of it across barge-ins. A result carries the epoch of its chunk; the host
 ignores decisions of older epochs. On an epoch advance the engine discards only the
 output it had pending for the old epoch.
+
+A ContextUpdate takes effect in order with the session's chunks: the engine sees the
+history only after every chunk the host sent before it has been stepped. Engines that
+keep working without input (a reply still being generated) are stepped with an empty
+batch, and their KV lease changes go to the host as ``KvLeaseReport``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from duplexd.bus.messages import (
     AudioChunk,
     ContextUpdate,
     EngineInfo,
+    KvLeaseReport,
     Role,
     SessionConfig,
     Stage0Result,
@@ -48,7 +54,9 @@ class Stage0Worker(StageWorker):
         super().__init__(addrs, opts, identity)
         self.thinker = thinker
         self.max_batch = max_batch
-        self.queues: dict[str, deque[AudioChunk]] = {}
+        # A session's chunks, with the ContextUpdates that arrived behind them; at rest
+        # the head of a queue is always a chunk (leading contexts are applied after a step).
+        self.queues: dict[str, deque[AudioChunk | ContextUpdate]] = {}
         self._rr = 0  # rotates which sessions go first when more than max_batch wait
         # Lockstep engines (one step = one frame of every session): see Thinker.
         self.grace_s = thinker.lockstep_grace_s
@@ -64,6 +72,7 @@ class Stage0Worker(StageWorker):
         self.thinker.open_session(session_id, config)
         self.queues[session_id] = deque()
         self._arrivals[session_id] = deque()
+        self._report_leases()
 
     def update_session(self, session_id: str, config: SessionConfig) -> None:
         self.thinker.update_session(session_id, config)
@@ -73,6 +82,13 @@ class Stage0Worker(StageWorker):
         self._arrivals.pop(session_id, None)
         self._last_arrival.pop(session_id, None)
         self.thinker.close_session(session_id)
+        self._report_leases()
+
+    def _report_leases(self) -> None:
+        if self.chan is None:
+            return
+        for lease in self.thinker.lease_updates():
+            self.send_control(KvLeaseReport(lease.session_id, self.epochs.get(lease.session_id, 0), lease))
 
     def advance_epoch(self, session_id: str) -> None:
         self.thinker.discard_pending(session_id)
@@ -93,12 +109,21 @@ class Stage0Worker(StageWorker):
                 self._arrivals[msg.session_id].append(now)
                 self._last_arrival[msg.session_id] = now
         elif isinstance(msg, ContextUpdate):
-            try:
-                self.thinker.set_context(msg.session_id, msg.history, msg.instructions)
-            except Exception as exc:
-                self.report_error(msg.session_id, "context_failed", f"{type(exc).__name__}: {exc}")
+            q = self.queues[msg.session_id]
+            if q:
+                q.append(msg)  # after the chunks sent before it
+            else:
+                self._set_context(msg)
+
+    def _set_context(self, msg: ContextUpdate) -> None:
+        try:
+            self.thinker.set_context(msg.session_id, msg.history, msg.instructions)
+        except Exception as exc:
+            self.report_error(msg.session_id, "context_failed", f"{type(exc).__name__}: {exc}")
 
     def has_work(self) -> bool:
+        if self.thinker.has_background_work():
+            return True
         if not any(self.queues.values()):
             return False
         if self.grace_s <= 0:
@@ -110,6 +135,10 @@ class Stage0Worker(StageWorker):
         return now - self._oldest_arrival() >= self.grace_s
 
     def next_due_s(self) -> float | None:
+        due = [d for d in (self.thinker.next_due_s(), self._lockstep_due_s()) if d is not None]
+        return min(due) if due else None
+
+    def _lockstep_due_s(self) -> float | None:
         if self.grace_s <= 0 or not any(self.queues.values()):
             return None
         return max(0.0, self._oldest_arrival() + self.grace_s - time.monotonic())
@@ -117,29 +146,51 @@ class Stage0Worker(StageWorker):
     def _oldest_arrival(self) -> float:
         return min((a[0] for a in self._arrivals.values() if a), default=time.monotonic())
 
+    def _take(self, sid: str) -> AudioChunk:
+        chunk = self.queues[sid].popleft()
+        assert isinstance(chunk, AudioChunk)  # heads are chunks (see __init__)
+        if self._arrivals.get(sid):
+            self._arrivals[sid].popleft()
+        return chunk
+
+    def _apply_leading_contexts(self, sids: list[str]) -> None:
+        """Contexts that waited behind the chunks just stepped take effect now."""
+        for sid in sids:
+            q = self.queues.get(sid)
+            while q and isinstance(head := q[0], ContextUpdate):
+                q.popleft()
+                self._set_context(head)
+
     def step(self) -> None:
         waiting = [sid for sid, q in self.queues.items() if q]
         if len(waiting) > self.max_batch:
             self._rr = (self._rr + 1) % len(waiting)
             waiting = (waiting[self._rr :] + waiting[: self._rr])[: self.max_batch]
-        chunks = [self.queues[sid].popleft() for sid in waiting]
-        for sid in waiting:
-            if self._arrivals.get(sid):
-                self._arrivals[sid].popleft()
+        chunks = [self._take(sid) for sid in waiting]
         t0 = time.perf_counter()
-        outputs = self._run(chunks)
+        outputs = self._run(chunks) if chunks or self.thinker.has_background_work() else []
         cost = time.perf_counter() - t0
-        STEP_SECONDS.labels(stage="stage0").observe(cost)
-        STEP_BATCH.labels(stage="stage0").observe(len(chunks))
+        if chunks:
+            STEP_SECONDS.labels(stage="stage0").observe(cost)
+            STEP_BATCH.labels(stage="stage0").observe(len(chunks))
         for chunk, out in zip(chunks, outputs, strict=True):
             if out is not None:
                 self.send_data(_result(chunk, out, cost * 1000))
+        self._apply_leading_contexts(waiting)
+        self._report_leases()
 
     def _run(self, chunks: list[AudioChunk]) -> list[ThinkerOutput | None]:
         """Step the batch; a failing session is answered with a StageError and the
         rest of the batch is retried without it."""
         live = list(chunks)
         results: dict[int, ThinkerOutput | None] = {}
+        if not live:
+            try:
+                self.thinker.step([])  # background work only: an engine reports its failures per chunk
+            except Exception:
+                STAGE_ERRORS.labels(stage="stage0").inc()
+                log(_log, logging.ERROR, "thinker background step failed", exc_info=True)
+            return []
         while live:
             batch = [
                 ThinkerInput(c.session_id, c.chunk_seq, c.kind, c.pcm, c.force_listen, c.response_id) for c in live

@@ -1,5 +1,9 @@
 """Stage1 actor: turns handoffs into assistant audio, one chunk per session per step.
 
+Handoff arrays larger than the codec's inline limit travel as raw frames and are views
+of the received memory; ``duplexd_handoff_arrays_total{zero_copy}`` counts whether they
+arrived that way.
+
 Output is the bus output format (:mod:`duplexd.bus.audio_format`: pcm16 24 kHz); a talker
 with another native rate is resampled here with a
 streaming soxr resampler per turn. Generation is paced to stay at most ``max_lead_ms``
@@ -21,9 +25,10 @@ from duplexd.actors.engines.base import EngineError, Talker, TalkerChunk, Talker
 from duplexd.actors.worker import StageWorker, WorkerOptions
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.audio_format import OUTPUT_DTYPE, OUTPUT_RATE, output_seconds
+from duplexd.bus.codec import DEFAULT_INLINE_THRESHOLD as INLINE_MAX
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import AudioOut, EngineInfo, Handoff, Role, SessionConfig, StageData
-from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
+from duplexd.bus.metrics import HANDOFF_ARRAYS, STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
 
 _log = get_logger(__name__)
 
@@ -37,6 +42,14 @@ class _Turn:
     seq: int = 0
     generated_ms: float = 0.0
     started_at: float | None = None
+
+
+def frame_backed(arr: np.ndarray) -> bool:
+    """Whether ``arr`` views the memory of a received bus frame (no copy was made)."""
+    base: Any = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, memoryview) and type(base.obj).__name__ == "Frame"
 
 
 def to_pcm16(x: np.ndarray) -> np.ndarray:
@@ -84,6 +97,9 @@ class Stage1Worker(StageWorker):
     def on_data(self, msg: StageData) -> None:
         if not isinstance(msg, Handoff):
             return
+        for arr in (msg.tokens, msg.hidden):
+            if arr is not None and arr.nbytes > INLINE_MAX:
+                HANDOFF_ARRAYS.labels(zero_copy=str(frame_backed(arr)).lower()).inc()
         sid = msg.session_id
         turn = self.turns.get(sid)
         if turn is None or turn.response_id != msg.response_id:
@@ -120,6 +136,9 @@ class Stage1Worker(StageWorker):
             for sid, t in self.turns.items()
             if t.started_at is not None and self.talker.pending(sid)
         ]
+        engine = self.talker.next_due_s()
+        if engine is not None:
+            due.append(engine)
         return max(0.0, min(due)) if due else None
 
     def step(self) -> None:

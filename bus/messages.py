@@ -21,7 +21,9 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: Hello.instance, Ready.pid/hostname, SessionClosed.cause, admission fields
+# 2 (main): HistoryEntry.item_id, KvLeaseReport; 3 (main): OverlapParams without barge_in_ms;
+# 4 (reliability): Hello.instance, Ready.pid/hostname, SessionClosed.cause, admission fields.
+PROTOCOL_VERSION = 4
 
 # Array fields: msgspec has no numpy support of its own, so the codec
 # supplies hooks that ship an np.ndarray as an Ext (inline) or a raw frame (large).
@@ -122,10 +124,15 @@ class VadParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_
 
 
 class OverlapParams(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
-    """What user speech during assistant playback does (turn modes)."""
+    """What user speech during assistant playback does (turn modes).
 
-    short_ack_ms: int = 700  # shorter speech is a backchannel: ignored
-    barge_in_ms: int = 1200  # sustained speech this long cancels the response
+    Voiced speech that reaches ``short_ack_ms`` is an interruption: ``speech_started`` is sent
+    then, and with ``VadParams.interrupt_response`` the response is cancelled at once. Shorter
+    speech that stops is a backchannel ("mm-hmm"): no event at all. The default comes from
+    tests/bench/bench_overlap.py (real speech through Silero).
+    """
+
+    short_ack_ms: int = 450
     silence_rms: float = 0.003
 
 
@@ -202,6 +209,27 @@ class PlaybackCursor(msgspec.Struct, frozen=True, omit_defaults=True):
     committed_ms: int = 0
 
 
+class KvLease(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A session's lease on a KV cache slot of its stage0 (engines with a persistent context).
+
+    ``state``: ``leased`` (the slot holds the session's context), ``released`` (given up
+    after ``idle_s`` of idleness or for a busier session: the context is re-prefilled from
+    the kept turns when the session speaks again) or ``closed``."""
+
+    session_id: str
+    state: str
+    slot: int = -1
+    tokens: int = 0  # positions of the slot in use
+    capacity: int = 0  # positions a slot holds
+    turns: int = 0  # turns of the conversation in the context
+    rollbacks: int = 0  # replies cut back to what the user heard
+    dropped_tokens: int = 0  # positions given up by rollbacks and history edits
+    evicted_turns: int = 0  # old turns left out because the context was full
+    leased_s: float = 0.0  # how long the current lease has been held
+    idle_s: float = 0.0  # since the session last used it
+    holder: str = ""  # the stage0 process (filled in by the host)
+
+
 class SessionSnapshot(msgspec.Struct, frozen=True, omit_defaults=True):
     """Everything the session actor knows, for inspection by clients and tests."""
 
@@ -223,6 +251,7 @@ class SessionSnapshot(msgspec.Struct, frozen=True, omit_defaults=True):
     backchannels: int = 0
     barge_ins: int = 0
     stage_errors: int = 0
+    kv_lease: KvLease | None = None  # the session's thinker KV lease, when its engine keeps one
 
 
 class RoleStatus(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -360,6 +389,15 @@ class StageError(_Wire, frozen=True, tag="stage_error"):
     chunk_seq: int = -1  # stage0: the chunk this error answers
 
 
+class KvLeaseReport(_Wire, frozen=True, tag="kv_lease"):
+    """Stage0 → host: a session's KV lease changed (leased, grew, rolled back, released)."""
+
+    session_id: str
+    epoch: int
+    lease: KvLease
+
+
+
 class NoNewSessions(_Wire, frozen=True, tag="no_new_sessions"):
     """Host → every peer: the server is draining (SIGTERM): no new sessions from now on."""
 
@@ -467,6 +505,7 @@ class SnapshotRequest(_Wire, frozen=True, tag="snapshot_req"):
 class HistoryEntry(msgspec.Struct, frozen=True, array_like=True):
     role: str
     text: str
+    item_id: str = ""  # the conversation item, so an engine can match its own turns to history
 
 
 class ContextUpdate(_Wire, frozen=True, tag="context"):
@@ -750,6 +789,7 @@ ControlMessage = (
     | StageClose
     | StageError
     | NoNewSessions
+    | KvLeaseReport
 )
 
 # Commands from the adapter that travel in order with the audio on the data plane.

@@ -75,6 +75,12 @@ LOCAL_LLM_FIRST_TOKEN_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+HANDOFF_ARRAYS = Counter(
+    "duplexd_handoff_arrays",
+    "Handoff arrays (token ids, hidden states) received by stage1, by whether they view the bus frame",
+    ["zero_copy"],
+    registry=REGISTRY,
+)
 CONNECTIONS = Gauge("duplexd_ws_connections", "Open websocket connections", ["endpoint"], registry=REGISTRY)
 # Reported by the restarted process itself (its role and identity labels say which).
 ROLE_RESTARTS = Counter(

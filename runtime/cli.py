@@ -21,9 +21,13 @@ from duplexd.runtime.config import ConfigError, full_builtins, load, with_overri
 
 
 def version_line() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"duplexd {version('duplexd')} (bus protocol {PROTOCOL_VERSION})"
+    try:
+        release = version("duplexd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        release = "(not installed)"
+    return f"duplexd {release} (bus protocol {PROTOCOL_VERSION})"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import msgspec
 
 from duplexd.actors.engines.cascade.options import POLICIES
 from duplexd.actors.engines.moshi.options import DTYPES as MOSHI_DTYPES
+from duplexd.actors.engines.qwen_omni.options import DTYPES as QWEN_DTYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ CHUNK_MS = Range(10, 1000)
 AUDIO_RATE = Range(8000, 48000)
 ENDPOINT = Pattern(r"|(ipc|tcp)://\S+", "an ipc:// or tcp:// endpoint")
 HTTP_URL = Pattern(r"https?://[^\s/]+\S*", "an http(s):// URL")
+TORCH_DEVICE = Pattern(r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N")
 CT2_COMPUTE = (
     "default",
     "auto",
@@ -148,7 +150,6 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "session.vad.silence_duration_ms": NON_NEGATIVE,
     "session.vad.idle_timeout_ms": NON_NEGATIVE,
     "session.overlap.short_ack_ms": NON_NEGATIVE,
-    "session.overlap.barge_in_ms": NON_NEGATIVE,
     "session.overlap.silence_rms": PROBABILITY,
     "session.instructions": Text(),
     "session.voice": Text(),
@@ -221,7 +222,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     # [engines.moshi]
     "engines.moshi.model_path": Text("path"),
     "engines.moshi.tokenizer_path": Text("path"),
-    "engines.moshi.device": Pattern(r"auto|cpu|cuda|cuda:\d+", "auto, cpu, cuda or cuda:N"),
+    "engines.moshi.device": TORCH_DEVICE,
     "engines.moshi.dtype": OneOf(MOSHI_DTYPES),
     "engines.moshi.mimi_dtype": OneOf(MOSHI_DTYPES),
     "engines.moshi.cpu_threads": NON_NEGATIVE,
@@ -241,6 +242,48 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "engines.moshi.speech_rms": NON_NEGATIVE,
     "engines.moshi.hangover_frames": AT_LEAST_ONE,
     "engines.moshi.cancel_mute_frames": NON_NEGATIVE,
+    # [engines.qwen_omni]
+    "engines.qwen_omni.model_path": Text("path"),
+    "engines.qwen_omni.random_size": OneOf(("full", "tiny")),
+    "engines.qwen_omni.seed": NON_NEGATIVE,
+    "engines.qwen_omni.dtype": OneOf(QWEN_DTYPES),
+    "engines.qwen_omni.token2wav_dtype": OneOf(QWEN_DTYPES),
+    "engines.qwen_omni.stage0_device": TORCH_DEVICE,
+    "engines.qwen_omni.stage1_device": TORCH_DEVICE,
+    "engines.qwen_omni.cpu_threads": NON_NEGATIVE,
+    "engines.qwen_omni.chunk_ms": Range(20, 1000),
+    "engines.qwen_omni.max_sessions": Range(1, 4096),
+    "engines.qwen_omni.max_context": Range(64),
+    "engines.qwen_omni.lease_idle_s": NON_NEGATIVE,
+    "engines.qwen_omni.max_prefill_tokens": Range(16),
+    "engines.qwen_omni.system_prompt": Text(),
+    "engines.qwen_omni.top_k": NON_NEGATIVE,
+    "engines.qwen_omni.top_p": Range(0, 1, lo_open=True),
+    "engines.qwen_omni.max_reply_tokens": AT_LEAST_ONE,
+    "engines.qwen_omni.min_reply_tokens": NON_NEGATIVE,
+    "engines.qwen_omni.max_user_turn_s": POSITIVE,
+    "engines.qwen_omni.voice": Text("speaker name"),
+    "engines.qwen_omni.talker_temperature": NON_NEGATIVE,
+    "engines.qwen_omni.talker_top_k": NON_NEGATIVE,
+    "engines.qwen_omni.talker_top_p": Range(0, 1, lo_open=True),
+    "engines.qwen_omni.talker_repetition_penalty": POSITIVE,
+    "engines.qwen_omni.max_codec_tokens": AT_LEAST_ONE,
+    "engines.qwen_omni.min_codec_tokens": NON_NEGATIVE,
+    "engines.qwen_omni.t2w_first_chunk": AT_LEAST_ONE,
+    "engines.qwen_omni.t2w_chunk": AT_LEAST_ONE,
+    "engines.qwen_omni.t2w_lookahead": NON_NEGATIVE,
+    "engines.qwen_omni.t2w_context": NON_NEGATIVE,
+    "engines.qwen_omni.t2w_steps": AT_LEAST_ONE,
+    "engines.qwen_omni.t2w_guidance": NON_NEGATIVE,
+    "engines.qwen_omni.t2w_sway": Range(-1, 1),
+    "engines.qwen_omni.vocoder_context": NON_NEGATIVE,
+    "engines.qwen_omni.out_chunk_ms": Range(10, 1000),
+    "engines.qwen_omni.speech_chars_per_s": POSITIVE,
+    "engines.qwen_omni.vad_threshold": PROBABILITY,
+    "engines.qwen_omni.end_silence_ms": NON_NEGATIVE,
+    "engines.qwen_omni.min_speech_ms": NON_NEGATIVE,
+    "engines.qwen_omni.interrupt_ms": NON_NEGATIVE,
+    "engines.qwen_omni.pre_roll_ms": NON_NEGATIVE,
     # [supervisor]
     "supervisor.restart_max": NON_NEGATIVE,
     "supervisor.restart_window_s": POSITIVE,

@@ -18,7 +18,7 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 
 from duplexd.bus.audio_format import OUTPUT_RATE
-from duplexd.bus.messages import Action, ChunkKind, EngineInfo, HistoryEntry, SessionConfig
+from duplexd.bus.messages import Action, ChunkKind, EngineInfo, HistoryEntry, KvLease, SessionConfig
 
 
 @dataclass(slots=True)
@@ -116,7 +116,20 @@ class Thinker(abc.ABC):
 
     @abc.abstractmethod
     def step(self, batch: list[ThinkerInput]) -> list[ThinkerOutput]:
-        """One decision per input, in order. At most one input per session per call."""
+        """One decision per input, in order. At most one input per session per call.
+        An engine with :meth:`has_background_work` is also stepped with an empty batch."""
+
+    def has_background_work(self) -> bool:
+        """Model work that needs no new input (a reply still being generated)."""
+        return False
+
+    def next_due_s(self) -> float | None:
+        """Seconds until the engine wants a step without input (housekeeping), or None."""
+        return None
+
+    def lease_updates(self) -> list[KvLease]:
+        """KV leases that changed since the last call (engines with a persistent context)."""
+        return []
 
 
 class Talker(abc.ABC):
@@ -155,6 +168,10 @@ class Talker(abc.ABC):
     @abc.abstractmethod
     def step(self, session_ids: list[str]) -> list[TalkerChunk | None]:
         """Next chunk per session (None if it has nothing ready yet)."""
+
+    def next_due_s(self) -> float | None:
+        """Seconds until work in flight elsewhere (an asynchronous GPU job) may be ready."""
+        return None
 
 
 class TalkerTurn(Protocol):

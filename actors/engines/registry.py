@@ -1,4 +1,8 @@
-"""Engine names → (thinker, talker) factories. Options come typed from ``[engines.*]``."""
+"""Engine names → (thinker, talker) factories. Options come typed from ``[engines.*]``.
+
+Importing this module must stay cheap and torch-free (``duplexd check-config`` and the
+adapter import it): model engines are imported by their factory, when a stage builds one.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from duplexd.actors.engines.base import Talker, Thinker
 from duplexd.actors.engines.cascade import CascadeOptions, CascadeTalker, CascadeThinker
 from duplexd.actors.engines.cascade import requirements as cascade_requirements
 from duplexd.actors.engines.moshi import MoshiOptions
+from duplexd.actors.engines.qwen_omni.options import QwenOmniOptions
 from duplexd.actors.engines.scripted import ScriptedOptions, ScriptedTalker, ScriptedThinker
 
 
@@ -20,6 +25,7 @@ class EngineOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scripted: ScriptedOptions = ScriptedOptions()
     cascade: CascadeOptions = CascadeOptions()
     moshi: MoshiOptions = MoshiOptions()
+    qwen_omni: QwenOmniOptions = QwenOmniOptions()
 
 
 ThinkerFactory = Callable[[Any], Thinker]
@@ -40,10 +46,23 @@ def _moshi_talker(opts: MoshiOptions) -> Talker:
     return MoshiTalker(opts)
 
 
+def _qwen_thinker(opts: QwenOmniOptions) -> Thinker:
+    from duplexd.actors.engines.qwen_omni.thinker import QwenOmniThinker
+
+    return QwenOmniThinker(opts)
+
+
+def _qwen_talker(opts: QwenOmniOptions) -> Talker:
+    from duplexd.actors.engines.qwen_omni.talker import QwenOmniTalker
+
+    return QwenOmniTalker(opts)
+
+
 _ENGINES: dict[str, tuple[str, ThinkerFactory, TalkerFactory]] = {
     "scripted": ("scripted", ScriptedThinker, ScriptedTalker),
     "cascade": ("cascade", CascadeThinker, CascadeTalker),
     "moshi": ("moshi", _moshi_thinker, _moshi_talker),
+    "qwen-omni": ("qwen_omni", _qwen_thinker, _qwen_talker),
 }
 
 

@@ -143,7 +143,7 @@ def cascade_server() -> Iterator[ServerProcess]:
             "engines.cascade": {"policy": "echo"},
             # Generate close to real time so a reply is still in progress when the user talks over it.
             "stage1": {"max_lead_ms": 300},
-            "session.overlap": {"short_ack_ms": 300, "barge_in_ms": 600},
+            "session.overlap": {"short_ack_ms": 300},
         },
     )
     with server:
@@ -417,7 +417,7 @@ def local_server() -> Iterator[ServerProcess]:
             "host": {"vad": "silero"},
             "engines.cascade": {"policy": "local", "local_max_tokens": 300},
             "stage1": {"max_lead_ms": 300},
-            "session.overlap": {"short_ack_ms": 300, "barge_in_ms": 600},
+            "session.overlap": {"short_ack_ms": 300},
         },
     )
     with server:

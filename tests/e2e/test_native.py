@@ -41,7 +41,7 @@ async def test_session_created_shows_every_setting_and_knob(native_server: Serve
     # Defaults are shown, not omitted: a client never has to know them.
     assert s["turn_mode"] == "server_vad" and s["turn_detection"]["type"] == "server_vad"
     assert s["epoch"] == 0 and s["id"].startswith("sess_")
-    assert s["overlap"] == {"short_ack_ms": 700, "barge_in_ms": 1200, "silence_rms": 0.003}
+    assert s["overlap"] == {"short_ack_ms": 450, "silence_rms": 0.003}
     assert s["vad"]["silence_duration_ms"] == 500 and s["vad"]["interrupt_response"] is True
     assert s["commit_policy"] == "commit_all_on_done"
     assert s["force_listen_count"] == 3 and s["listen_prob_scale"] == 1.0
@@ -64,7 +64,7 @@ async def test_every_turn_mode_and_overlap_knob_is_settable(native_server: Serve
     s = await update(
         {
             "turn_mode": "manual",
-            "overlap": {"short_ack_ms": 300, "barge_in_ms": 900, "silence_rms": 0.01},
+            "overlap": {"short_ack_ms": 300, "silence_rms": 0.01},
             "vad": {"threshold": 0.6, "silence_duration_ms": 250, "prefix_padding_ms": 100, "idle_timeout_ms": 5000},
             "commit_policy": "ack_only",
             "force_listen_count": 5,
@@ -74,7 +74,7 @@ async def test_every_turn_mode_and_overlap_knob_is_settable(native_server: Serve
         }
     )
     assert s["turn_mode"] == "manual" and s["turn_detection"] is None
-    assert s["overlap"] == {"short_ack_ms": 300, "barge_in_ms": 900, "silence_rms": 0.01}
+    assert s["overlap"] == {"short_ack_ms": 300, "silence_rms": 0.01}
     assert s["vad"]["threshold"] == 0.6 and s["vad"]["silence_duration_ms"] == 250
     assert s["vad"]["idle_timeout_ms"] == 5000 and s["vad"]["create_response"] is True  # merged, not replaced
     assert s["commit_policy"] == "ack_only" and s["force_listen_count"] == 5 and s["listen_prob_scale"] == 1.5
@@ -166,7 +166,7 @@ async def test_barge_in_flushes_with_zero_stale_frames(native_server: ServerProc
         native_server,
         {
             "turn_detection": {"type": "server_vad", "silence_duration_ms": 300},
-            "overlap": {"short_ack_ms": 200, "barge_in_ms": 400},
+            "overlap": {"short_ack_ms": 200},
         },
     )
     await c.stream(np.concatenate([tone(600), silence(400)]))
@@ -202,7 +202,7 @@ async def test_barge_in_flushes_with_zero_stale_frames(native_server: ServerProc
     assert second == [(response_tag(rid2), i, FRAMES) for i in range(FRAMES)]
 
     # The force flag (binary kind 0x02) interrupts at once, whatever the overlap knobs say.
-    await c.send({"type": "session.update", "session": {"overlap": {"short_ack_ms": 5000, "barge_in_ms": 9000}}})
+    await c.send({"type": "session.update", "session": {"overlap": {"short_ack_ms": 5000}}})
     await c.stream(np.concatenate([tone(600), silence(400)]))
     created3 = await c.wait_for(lambda e: e["type"] == "response.created" and e["response"]["id"] not in (rid, rid2))
     rid3 = created3["response"]["id"]

@@ -318,7 +318,7 @@ def realtime_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         sections={
             "server": {"api_keys": [API_KEY], "api_key_file": str(keyfile)},
             "host": {"vad": "silero"},
-            "session.overlap": {"short_ack_ms": 250, "barge_in_ms": 500},
+            "session.overlap": {"short_ack_ms": 250},
             "engines.scripted": {"reply_ms": REPLY_MS, "out_chunk_ms": 40},
             "stage1": {"max_lead_ms": 400},
         }
@@ -443,8 +443,9 @@ async def test_server_vad_turn_from_real_speech(realtime_server: ServerProcess) 
         stopped = await rec.wait_for("input_audio_buffer.speech_stopped", start=start)
         committed = await rec.wait_for("input_audio_buffer.committed", start=start)
         assert started["item_id"] == stopped["item_id"] == committed["item_id"]
-        # The utterance starts ~300 ms in (minus prefix padding) and lasts ~1.5 s.
-        assert 0 <= started["audio_start_ms"] <= 500
+        # audio_start_ms is where the speech really starts (300 ms of silence, then hello.wav's
+        # first word 60 ms in), not moved by the prefix padding; the utterance lasts ~1.3 s.
+        assert abs(started["audio_start_ms"] - 360) <= 80
         assert 1300 <= stopped["audio_end_ms"] <= 2200
         done = await rec.wait_for("response.done", start=start)
         assert done["response"]["status"] == "completed"
@@ -565,6 +566,10 @@ async def test_barge_in_then_truncate_to_played_audio(realtime_server: ServerPro
             order = rec.types(start)
             assert order.index("input_audio_buffer.speech_started") < order.index("response.done")
             done_at = rec.events.index(done)
+            # speech_started is the interruption: the cancel came with it, so not one delta of the
+            # reply follows it (a client that stops playback there has nothing stale to play).
+            started_at = rec.events.index(rec.of("input_audio_buffer.speech_started", start)[0])
+            assert [e for e in rec.of("response.output_audio.delta", started_at) if e["response_id"] == rid] == []
             # What the client "played": real time since the first delta, capped by what arrived.
             received_ms = sum(len(audio_of(d)) for d in rec.of("response.output_audio.delta", start)) // 24
             played_ms = min(received_ms, int((t_done - t_first) * 1000))
@@ -592,6 +597,32 @@ async def test_barge_in_then_truncate_to_played_audio(realtime_server: ServerPro
         tag = response_tag(rid)
         late = [e for e in rec.of("response.output_audio.delta", done_at + 1) if decode_chunk(audio_of(e))[0] == tag]
         assert late == [] and [e for e in rec.events[done_at + 1 :] if e.get("response_id") == rid] == []
+
+
+async def test_truncating_the_playing_item_stops_its_audio(realtime_server: ServerProcess) -> None:
+    """The client stops playback itself (its own interruption logic) and reports where: after
+    conversation.item.truncated not one more byte of that reply arrives, and the reply ends."""
+    async with realtime(realtime_server) as (conn, rec):
+        await manual(conn, rec)
+        start = len(rec.events)
+        await stream(conn, tone(500))
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        rid = (await rec.wait_for("response.created", start=start))["response"]["id"]
+        first = await rec.wait_for("response.output_audio.delta", start=start)
+        await conn.conversation.item.truncate(item_id=first["item_id"], content_index=0, audio_end_ms=0)
+        truncated = await rec.wait_for("conversation.item.truncated", start=start)
+        done = await rec.wait_for("response.done", start=start)
+        assert done["response"]["id"] == rid
+        assert done["response"]["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+        assert done["response"]["output"][0]["content"][0]["transcript"] == ""  # nothing was heard
+        # Whatever arrives later (the next reply, in-flight audio) carries nothing of this one.
+        start2, created2, done2 = await turn(conn, rec)
+        assert done2["response"]["status"] == "completed"
+        after = rec.events.index(truncated)
+        tag = response_tag(rid)
+        late = [e for e in rec.of("response.output_audio.delta", after) if decode_chunk(audio_of(e))[0] == tag]
+        assert late == [] and [e for e in rec.of("response.output_audio.delta", after) if e["response_id"] == rid] == []
 
 
 async def test_text_only_response(realtime_server: ServerProcess) -> None:

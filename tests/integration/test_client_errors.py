@@ -269,15 +269,15 @@ async def test_null_optional_fields_mean_not_set(clients: tuple[JsonClient, Nati
     assert done["type"] == "response.done" and done["response"]["status"] == "completed", done
     # The native protocol reads the same way.
     n = len(nat.events)
-    await nat.send({"type": "session.update", "session": {"instructions": "Hi.", "overlap": {"barge_in_ms": 900}}})
+    await nat.send({"type": "session.update", "session": {"instructions": "Hi.", "overlap": {"short_ack_ms": 900}}})
     await nat.wait_for("session.updated", start=n)
     n = len(nat.events)
     await nat.send(
-        {"type": "session.update", "session": {"instructions": None, "vad": None, "overlap": {"barge_in_ms": None}}}
+        {"type": "session.update", "session": {"instructions": None, "vad": None, "overlap": {"short_ack_ms": None}}}
     )
     got = await nat.wait_for(lambda e: e["type"] in ("session.updated", "error"), start=n)
     assert got["type"] == "session.updated", got
-    assert got["session"]["instructions"] == "Hi." and got["session"]["overlap"]["barge_in_ms"] == 900
+    assert got["session"]["instructions"] == "Hi." and got["session"]["overlap"]["short_ack_ms"] == 900
     n = len(nat.events)
     await nat.send({"type": "response.create", "response": {"instructions": None, "output_modalities": None}})
     assert (await nat.wait_for(lambda e: e["type"] in ("response.created", "error"), start=n))[

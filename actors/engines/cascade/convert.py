@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from duplexd.actors.engines.cascade import gguf_file
-from duplexd.actors.engines.cascade.gguf_file import GgufTensor
+from duplexd.actors.engines.cascade.gguf_file import GgufTensor, read_gguf_file
 
 ARCHITECTURES = ("llama", "qwen2")
 # GGUF token types (llama.cpp's llama_token_type)
@@ -117,7 +116,7 @@ class GgufModel:
 
 def read_gguf(path: str | Path) -> GgufModel:
     try:
-        meta, tensors = gguf_file.read(path)
+        meta, tensors = read_gguf_file(path)
     except (ValueError, OSError, KeyError) as exc:
         raise ConversionError(f"{path}: not a readable GGUF file ({exc})") from exc
     arch = meta.get("general.architecture", "")
@@ -187,11 +186,11 @@ def build_tokenizer(m: GgufModel) -> tuple[Any, list[str]]:
         name = f"<duplexd_duplicate_{i}>" if tok in vocab else tok
         vocab[name] = i
         unique.append(name)
-    pairs = [tuple(mg.split(" ", 1)) for mg in merges]
+    pairs = [(a, b) for a, _, b in (mg.partition(" ") for mg in merges)]
     bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
     tk = Tokenizer(bpe)
     digits, pattern = _PRE_TOKENIZERS[pre]
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    steps: list[Any] = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     steps += [
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

@@ -75,13 +75,13 @@ class _Cursor:
         raise GgufFormatError(f"unknown value type {vtype}")
 
 
-def read(path: str | Path) -> tuple[dict[str, Any], list[GgufTensor]]:
+def read_gguf_file(path: str | Path) -> tuple[dict[str, Any], list[GgufTensor]]:
     """The metadata (key → value) and the tensors of a GGUF file (data memory-mapped)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import quant_shape_to_byte_shape
 
     mm = np.memmap(path, mode="r")
-    buf = memoryview(mm)
+    buf = memoryview(mm.data)
     cur = _Cursor(buf)
     if bytes(buf[:4]) != _MAGIC:
         raise GgufFormatError("no GGUF magic")

@@ -109,7 +109,7 @@ class LocalLM:
         missing = [t for t in (*self.chat.end_tokens, self.chat.bos) if t and tk.token_to_id(t) is None]
         if missing:
             raise ValueError(f"{self.model.path}: chat format {self.chat.name} needs tokens {missing}")
-        self._end_ids = frozenset(tk.token_to_id(t) for t in self.chat.end_tokens)
+        self._end_ids = frozenset(i for t in self.chat.end_tokens if (i := tk.token_to_id(t)) is not None)
         self._thread = threading.Thread(target=self._run, name="local-llm", daemon=True)
         self._thread.start()
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from duplexd.actors.engines.cascade.convert import ChatFormat, ConversionError, convert_gguf, detect_chat_format
 from duplexd.bus.log import get_logger, log
@@ -85,7 +86,7 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _manifest_ok(entry: Path) -> dict | None:
+def _manifest_ok(entry: Path) -> dict[str, Any] | None:
     """The manifest of a complete, intact cache entry, else None."""
     try:
         doc = json.loads((entry / MANIFEST).read_text())

@@ -9,7 +9,7 @@ import pytest
 
 from duplexd.actors.engines.base import TalkerChunk, TalkerInput
 from duplexd.actors.engines.cascade import CascadeOptions, CascadeTalker
-from duplexd.actors.transcript import Segment, cut_text, full_text
+from duplexd.actors.session.transcript import Segment, cut_text, full_text
 from duplexd.bus.messages import SessionConfig
 
 pytest.importorskip("piper")

@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from duplexd.actors.conversation import item_text
 from duplexd.actors.session import Dest, HostSettings, Out, SessionActor
-from duplexd.actors.transcript import Segment, cut_text
+from duplexd.actors.session.conversation import item_text
+from duplexd.actors.session.transcript import Segment, cut_text
 from duplexd.actors.vad import EnergyDetector
 from duplexd.bus.messages import (
     Action,
@@ -53,6 +53,7 @@ from duplexd.bus.messages import (
     ItemCreate,
     ItemDelete,
     ItemTruncate,
+    ItemTruncated,
     OverlapParams,
     PlaybackAck,
     ResponseCancel,
@@ -67,6 +68,7 @@ from duplexd.bus.messages import (
     SessionUpdate,
     SessionUpdated,
     SnapshotRequest,
+    SpeechStarted,
     Stage0Result,
     StageError,
     TurnMode,
@@ -106,6 +108,7 @@ class Recorder:
     advance_dests: dict[int, set[Dest]] = field(default_factory=dict)
     created_at_epoch: dict[str, int] = field(default_factory=dict)
     active: str | None = None
+    active_item: str = ""
     created: list[str] = field(default_factory=list)
     done: dict[str, ResponseDone] = field(default_factory=dict)
     full_transcript: dict[str, tuple[str, int]] = field(default_factory=dict)  # item -> (text, generated ms)
@@ -122,7 +125,7 @@ class Recorder:
 
     def take(self, actor: SessionActor, outs: list[Out]) -> None:
         self.last_stage_outs = [o for o in outs if o.dest != Dest.ADAPTER]
-        for out in outs:
+        for i, out in enumerate(outs):
             assert not self.closed, f"emitted after SessionClosed: {out.msg!r}"
             msg = out.msg
             ep = getattr(msg, "epoch", None)
@@ -141,6 +144,7 @@ class Recorder:
                     assert info.id not in self.created
                     assert info.status == ResponseStatus.IN_PROGRESS
                     self.active = info.id
+                    self.active_item = msg.item.id
                     self.created.append(info.id)
                     self.created_at_epoch[info.id] = self.advanced
                 case ResponseDone(response=info, transcript=transcript):
@@ -191,12 +195,25 @@ class Recorder:
                     if cfg.turn_mode != self.mode and TurnMode.DUPLEX in (cfg.turn_mode, self.mode):
                         self.live_since_duplex = 0
                     self.mode = cfg.turn_mode
+                case SpeechStarted() if self.active is not None and actor.config.vad.interrupt_response:
+                    # speech_started over a reply is the interruption: it ends in the same step,
+                    # so no audio of it can follow the event.
+                    assert actor.config.turn_mode == TurnMode.SERVER_VAD
+                    self._ends_in_step(self.active, outs[i:], ResponseStatus.CANCELLED)
+                case ItemTruncated(item_id=iid) if self.active is not None and iid == self.active_item:
+                    # A truncate of the item that plays: the client will hear no more of it.
+                    self._ends_in_step(self.active, outs[i:], ResponseStatus.CANCELLED)
                 case ErrorEvent():
                     self.errors.append(msg)
                 case SessionClosed():
                     self.closed = True
                 case _:
                     pass
+
+    @staticmethod
+    def _ends_in_step(rid: str, rest: list[Out], status: ResponseStatus) -> None:
+        ends = [o.msg for o in rest if isinstance(o.msg, ResponseDone) and o.msg.response.id == rid]
+        assert ends and ends[0].response.status == status, f"{rid} did not end {status} in the same step"
 
 
 def _speech(ms: int) -> np.ndarray:
@@ -227,13 +244,13 @@ class SessionMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ plumbing
     def _collect(self) -> None:
         self.steps += 1
-        self.rec.take(self.actor, self.actor.drain())
+        self.rec.take(self.actor, self.actor.take_outbox())
 
     def _cfg(self, **kw: Any) -> SessionConfig:
         base = {
             "turn_mode": TurnMode.SERVER_VAD,
             "vad": VadParams(prefix_padding_ms=100, silence_duration_ms=200),
-            "overlap": OverlapParams(short_ack_ms=300, barge_in_ms=600),
+            "overlap": OverlapParams(short_ack_ms=300),
             "continuation_cap_ms": 600,
             "force_listen_count": 2,
         }
@@ -320,7 +337,6 @@ class SessionMachine(RuleBasedStateMachine):
         mode=st.sampled_from(list(TurnMode)),
         policy=st.sampled_from(list(CommitPolicy)),
         short_ack=st.sampled_from([200, 300, 700]),
-        barge=st.sampled_from([400, 600, 250]),
         interrupt=st.booleans(),
         create_response=st.booleans(),
         idle=st.sampled_from([0, 0, 1500]),
@@ -331,7 +347,6 @@ class SessionMachine(RuleBasedStateMachine):
         mode: TurnMode,
         policy: CommitPolicy,
         short_ack: int,
-        barge: int,
         interrupt: bool,
         create_response: bool,
         idle: int,
@@ -342,7 +357,7 @@ class SessionMachine(RuleBasedStateMachine):
         cfg = self._cfg(
             turn_mode=mode,
             commit_policy=policy,
-            overlap=OverlapParams(short_ack_ms=short_ack, barge_in_ms=barge),
+            overlap=OverlapParams(short_ack_ms=short_ack),
             vad=VadParams(
                 prefix_padding_ms=100,
                 silence_duration_ms=200,
@@ -419,7 +434,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.actor.on_stage0(res, self.now)
         self._collect()
 
-    @precondition(lambda self: bool(self.actor._outstanding))
+    @precondition(lambda self: bool(self.actor.chunks.pending))
     @rule(
         n=st.integers(1, 16),
         speak_p=st.sampled_from([0.0, 0.5, 1.0]),
@@ -428,7 +443,7 @@ class SessionMachine(RuleBasedStateMachine):
     )
     def stage0_step(self, n: int, speak_p: float, end_p: float, transcript: str | None) -> None:
         """A well-behaved stage0: answers chunks in order, with each chunk's epoch."""
-        for i, seq in enumerate(sorted(self.actor._outstanding)[:n]):
+        for i, seq in enumerate(sorted(self.actor.chunks.pending)[:n]):
             chunk = self.rec.chunks[seq]
             # Deterministic per chunk given the drawn probabilities (hypothesis shrinks them).
             speak = chunk.kind in (ChunkKind.CONTINUATION, ChunkKind.LIVE) and (seq * 37 % 100) < speak_p * 100
@@ -438,7 +453,7 @@ class SessionMachine(RuleBasedStateMachine):
             if self.actor.closed:
                 return
 
-    @precondition(lambda self: bool(self.actor._outstanding))
+    @precondition(lambda self: bool(self.actor.chunks.pending))
     @rule(
         data=st.data(),
         speak=st.booleans(),
@@ -448,7 +463,7 @@ class SessionMachine(RuleBasedStateMachine):
     )
     def stage0_any_order(self, data: st.DataObject, speak: bool, end: bool, interrupt: bool, stale: bool) -> None:
         """Any outstanding chunk, any decision (even a speak for a forced chunk), maybe an old epoch."""
-        seq = data.draw(st.sampled_from(sorted(self.actor._outstanding)))
+        seq = data.draw(st.sampled_from(sorted(self.actor.chunks.pending)))
         chunk = self.rec.chunks[seq]
         self._answer(seq, speak, end, interrupt, None, max(0, chunk.epoch - 1) if stale else chunk.epoch)
 
@@ -457,7 +472,7 @@ class SessionMachine(RuleBasedStateMachine):
     def stage0_duplicate_or_unknown(self, data: st.DataObject) -> None:
         """A second answer for a chunk (or one never sent) is refused, not applied."""
         seq = data.draw(st.sampled_from([*sorted(self.rec.chunks)[-5:], 10_000]))
-        if seq in self.actor._outstanding:
+        if seq in self.actor.chunks.pending:
             return
         errors = len(self.rec.errors)
         self.actor.on_stage0(Stage0Result(SID, self.actor.epoch, seq, Action.SPEAK, text="dup"), self.now)
@@ -510,22 +525,87 @@ class SessionMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.rec.turns))
     @rule(
         data=st.data(),
-        which=st.sampled_from(["last_ended", "active_older_epoch", "any"]),
+        which=st.sampled_from(["last_ended", "active_wrong_epoch", "any"]),
         samples=st.sampled_from([960, 480, 0]),
         finish=st.booleans(),
     )
     def stage1_misbehaves(self, data: st.DataObject, which: str, samples: int, finish: bool) -> None:
         """Audio that must not reach the client: of the response that just ended (late chunks,
-        same epoch if it completed), of the active one stamped with an older epoch, or any."""
+        same epoch if it completed), of the active one stamped with another epoch (an older
+        one, or a future one while there is none older), or any."""
         ended = [rid for rid in reversed(self.rec.created) if rid in self.rec.done and rid in self.rec.turns]
         if which == "last_ended" and ended:
             rid, epoch = ended[0], self.rec.turns[ended[0]].epoch
-        elif which == "active_older_epoch" and self.rec.active in self.rec.turns and self.actor.epoch > 0:
-            rid, epoch = self.rec.active, self.actor.epoch - 1
+        elif which == "active_wrong_epoch" and self.rec.active in self.rec.turns:
+            rid, epoch = self.rec.active, self._wrong_epoch()
         else:
             rid = data.draw(st.sampled_from(sorted(self.rec.turns)))
             epoch = self.rec.turns[rid].epoch
         self._audio(rid, samples, finish, epoch)
+
+    def _wrong_epoch(self) -> int:
+        return self.actor.epoch - 1 if self.actor.epoch else self.actor.epoch + 1
+
+    def _reply_playing(self) -> str | None:
+        """Brings about a reply whose audio is streaming: the host takes what is queued, a
+        response is asked for if none is active, and stage0 speaks (without ending its turn)
+        at the first unit that may. Returns its id, or None if the session would not."""
+        self.deliver(len(self.queue))
+        if self.rec.active is None and not self.actor.closed:
+            self._send(ResponseCreate(SID, 0, self._next_seq(), event_id="evt_create"))
+            self.deliver(1)
+        for attempt in range(2):
+            rid = self.rec.active
+            if rid is None or rid in self.rec.turns or self.actor.closed:
+                break
+            for seq in sorted(self.actor.chunks.pending):
+                c = self.rec.chunks[seq]
+                speak = c.kind in (ChunkKind.CONTINUATION, ChunkKind.LIVE) and not c.force_listen
+                if seq in self.actor.chunks.pending:
+                    self._answer(seq, speak, False, False, None, c.epoch)
+                if speak or self.actor.closed or self.rec.active != rid:
+                    break
+            if not attempt and self.rec.active == rid and rid not in self.rec.turns:
+                # Duplex has no continuation units: the model speaks on the user's stream.
+                self._send(AudioIn(SID, 0, self._next_seq(), _silence(400)))
+                self.deliver(1)
+        rid = self.rec.active
+        return rid if rid in self.rec.turns and not self.actor.closed else None
+
+    @rule(
+        how=st.sampled_from(["cancel", "force", "speech", "truncate"]),
+        played=st.integers(1, 4),
+        late=st.sampled_from(["old_epoch", "next_reply_old_epoch", "both"]),
+    )
+    def barge_in_after_audio(self, how: str, played: int, late: str) -> None:
+        """Where the epoch fence matters: a reply is interrupted right after some of its audio
+        (a client cancel, the force flag, sustained speech, or the client truncating what it
+        played), the next reply starts at the new
+        epoch, and stage1 still sends what it had: audio of the interrupted reply at its old
+        epoch, or audio of the next reply stamped with the epoch it last knew."""
+        rid = self._reply_playing()
+        if rid is None:
+            return
+        old_epoch = self.actor.epoch
+        for _ in range(played):
+            self.now += 0.04
+            self._audio(rid, 960, False)
+        if how == "cancel":
+            self.actor.on_cancel(ResponseCancel(SID, 0, self.seq, "", "evt_cancel"), self.now)
+            self._collect()
+        elif how == "truncate":
+            self._send(ItemTruncate(SID, 0, self._next_seq(), self.rec.turns[rid].item_id, 40 * played - 10))
+            self.deliver(len(self.queue))
+        else:
+            force = how == "force"
+            self._send(AudioIn(SID, 0, self._next_seq(), _speech(100 if force else 1500), force=force))
+            self._send(AudioIn(SID, 0, self._next_seq(), _silence(300)))
+            self.deliver(len(self.queue))
+        if late in ("old_epoch", "both"):
+            self._audio(rid, 960, False, old_epoch)
+        nxt = self._reply_playing()
+        if nxt is not None and late in ("next_reply_old_epoch", "both"):
+            self._audio(nxt, 960, False, old_epoch if old_epoch != self.actor.epoch else self._wrong_epoch())
 
     @rule(
         chunks=st.integers(1, 15),
@@ -540,8 +620,8 @@ class SessionMachine(RuleBasedStateMachine):
         the previous response."""
         self.deliver(len(self.queue))
         spoke = False
-        for seq in sorted(self.actor._outstanding):
-            if self.actor.closed or seq not in self.actor._outstanding:
+        for seq in sorted(self.actor.chunks.pending):
+            if self.actor.closed or seq not in self.actor.chunks.pending:
                 break
             c = self.rec.chunks[seq]
             speak = not spoke and c.kind in (ChunkKind.CONTINUATION, ChunkKind.LIVE) and not c.force_listen
@@ -580,8 +660,8 @@ class SessionMachine(RuleBasedStateMachine):
         if roll:
             return
         seq = None
-        if role == Role.STAGE0 and self.actor._outstanding and data.draw(st.booleans()):
-            seq = data.draw(st.sampled_from(sorted(self.actor._outstanding)))
+        if role == Role.STAGE0 and self.actor.chunks.pending and data.draw(st.booleans()):
+            seq = data.draw(st.sampled_from(sorted(self.actor.chunks.pending)))
         epoch = self.rec.chunks[seq].epoch if seq is not None else max(0, self.actor.epoch - (1 if older else 0))
         errs = len(self.rec.errors)
         active, was_closed, current = self.rec.active, self.actor.closed, self.actor.epoch
@@ -666,7 +746,7 @@ class SessionMachine(RuleBasedStateMachine):
             return
         a = self.actor
         assert a.chunks_sent == a.chunk_results + a.chunks_lost + a.outstanding
-        assert set(a._outstanding) <= set(self.rec.chunks)
+        assert set(a.chunks.pending) <= set(self.rec.chunks)
 
     @invariant()
     def history_holds_only_what_was_played(self) -> None:

@@ -84,7 +84,7 @@ class Session:
     def __init__(self, pace: float = 1.0, **cfg: Any) -> None:
         base: dict[str, Any] = {
             "vad": VadParams(prefix_padding_ms=100, silence_duration_ms=300),
-            "overlap": OverlapParams(short_ack_ms=300, barge_in_ms=700),
+            "overlap": OverlapParams(short_ack_ms=300),
             "continuation_cap_ms": 500,
         }
         base.update(cfg)
@@ -106,7 +106,7 @@ class Session:
 
     # ---------------------------------------------------------------- plumbing
     def take(self) -> list[Out]:
-        new = self.a.drain()
+        new = self.a.take_outbox()
         self.out += new
         return new
 
@@ -148,7 +148,7 @@ class Session:
     # ---------------------------------------------------------------- stage0
     def outstanding(self) -> list[AudioChunk]:
         chunks = {m.chunk_seq: m for m in self.sent(AudioChunk, Dest.STAGE0)}
-        return [chunks[s] for s in sorted(self.a._outstanding)]
+        return [chunks[s] for s in sorted(self.a.chunks.pending)]
 
     def answer(
         self,
@@ -275,11 +275,49 @@ def test_backchannel_is_not_announced_does_not_cancel_and_leaves_no_item() -> No
     assert s.a.input_ms > 0 and s.a.snapshot(s.now).input_buffer_ms == 0
 
 
-def test_speech_between_short_ack_and_barge_in_is_a_turn_answered_after_the_reply() -> None:
+def test_speech_started_during_playback_cancels_the_reply_in_the_same_step() -> None:
+    """The wire contract Realtime clients rely on: ``speech_started`` over the assistant is the
+    interruption. The cancel (epoch advance on all hops, one response.done cancelled) comes in
+    the same step, so no audio of the reply can follow the event."""
     s = Session()
     rid = _speaking_response(s)
     m = s.mark()
-    s.talk(speech(500))  # > short_ack 300, < barge_in 700
+    s.talk(speech(400))  # past short_ack (300)
+    started = s.sent(SpeechStarted, since=m)
+    assert len(started) == 1
+    msgs = [o.msg for o in s.out[m:]]
+    at = msgs.index(started[0])
+    step = msgs[at:]
+    assert [type(x) for x in step[1:4]] == [EpochAdvance] * 3
+    done = s.done(rid)
+    assert done in step and done.response.status == "cancelled" and done.response.reason == "turn_detected"
+    # The step that sent speech_started ended the reply: everything stage1 still has is dropped.
+    assert not any(isinstance(x, AudioOut) for x in msgs[at:])
+    assert s.play(rid, 3) == [False, False, False]
+
+
+def test_a_client_cancel_that_crosses_the_servers_turn_detected_cancel_is_not_an_error() -> None:
+    """LiveKit sends response.cancel on speech_started; the server cancelled already."""
+    s = Session()
+    rid = _speaking_response(s)
+    s.talk(speech(400))
+    assert s.done(rid).response.reason == "turn_detected"
+    m = s.mark()
+    s.a.on_cancel(ResponseCancel(SID, s.a.epoch, s.seq, event_id="lk1"), s.now)
+    s.a.on_cancel(ResponseCancel(SID, s.a.epoch, s.seq, response_id=rid, event_id="lk2"), s.now)
+    s.take()
+    assert s.sent(ErrorEvent, since=m) == [] and s.sent(ResponseDone, since=m) == []
+    # Any other cancel with nothing active still is one.
+    s.a.on_cancel(ResponseCancel(SID, s.a.epoch, s.seq, response_id="resp_other", event_id="x"), s.now)
+    s.take()
+    assert [e.code for e in s.sent(ErrorEvent, since=m)] == ["response_cancel_not_active"]
+
+
+def test_with_interrupt_response_off_speech_over_the_reply_is_a_turn_answered_after_it() -> None:
+    s = Session(vad=VadParams(prefix_padding_ms=100, silence_duration_ms=300, interrupt_response=False))
+    rid = _speaking_response(s)
+    m = s.mark()
+    s.talk(speech(500))  # past short_ack 300: announced, but the reply goes on
     s.talk(silence(400))
     assert len(s.sent(SpeechStarted, since=m)) == 1
     assert s.sent(EpochAdvance, None, m) == []
@@ -304,15 +342,33 @@ def test_one_large_append_is_judged_by_the_whole_span() -> None:
     assert s.a.backchannels == 0
 
 
-def test_barge_in_below_short_ack_threshold_still_announces_the_turn() -> None:
-    s = Session(overlap=OverlapParams(short_ack_ms=800, barge_in_ms=300))
-    rid = _speaking_response(s)
+def test_speech_started_reports_the_real_start_of_speech_as_soon_as_the_rule_allows() -> None:
+    """``audio_start_ms`` is where the speech began on the input clock (not moved by the prefix
+    padding), and over the assistant the event goes out as soon as the overlap is voiced for
+    ``short_ack_ms`` (default), in the client's 20 ms pieces."""
+    s = Session()
     m = s.mark()
-    s.talk(speech(500))
-    assert s.done(rid).response.reason == "turn_detected"
-    assert len(s.sent(SpeechStarted, since=m)) == 1
+    s.talk(silence(512))  # 16 VAD windows: the speech starts on a window boundary
+    onset = s.a.input_ms
+    s.talk(speech(300))
+    assert [e.audio_start_ms for e in s.sent(SpeechStarted, since=m)] == [onset]
     s.talk(silence(400))
-    assert len(s.sent(InputCommitted, since=m)) == 1  # not thrown away as a backchannel
+
+    v = Session(overlap=OverlapParams())  # the default threshold
+    rid = _speaking_response(v)
+    v.talk(silence(1024 + int(-v.a.input_ms) % 32))  # (again on a window boundary)
+    onset = v.a.input_ms
+    heard_at: list[float] = []
+    for _ in range(40):
+        outs = v.talk(speech(20), piece_ms=20)
+        if any(isinstance(o.msg, SpeechStarted) for o in outs):
+            heard_at.append(v.a.input_ms)
+            break
+    assert heard_at, "never announced"
+    started = v.sent(SpeechStarted)[-1]
+    assert started.audio_start_ms == onset
+    assert OverlapParams().short_ack_ms <= heard_at[0] - onset <= OverlapParams().short_ack_ms + 40
+    assert v.done(rid).response.status == "cancelled"
 
 
 def test_interrupt_response_off_never_barges_in_but_force_always_does() -> None:
@@ -401,11 +457,11 @@ def test_cancel_by_an_id_that_is_not_active_is_an_error() -> None:
 
 
 def test_a_queued_user_turn_is_not_answered_after_its_reply_is_cancelled() -> None:
-    s = Session()
+    s = Session(vad=VadParams(prefix_padding_ms=100, silence_duration_ms=300, interrupt_response=False))
     rid = _speaking_response(s)
-    s.talk(speech(500))  # a turn between the thresholds: answered after the reply...
+    s.talk(speech(500))  # a turn that did not interrupt: answered after the reply...
     s.talk(silence(400))
-    assert s.a._pending_response
+    assert s.a.lifecycle.owed
     s.a.on_cancel(ResponseCancel(SID, 0, s.seq), s.now)  # ...unless the client stops the reply
     s.take()
     assert s.done(rid).response.status == "cancelled"
@@ -467,17 +523,26 @@ def test_commit_all_on_done_then_truncate_cuts_history_to_the_played_words() -> 
     assert s.a.cursor.view().played_ms == 100 and s.a.cursor.view().committed_ms == 100
 
 
-def test_truncate_while_the_item_plays_applies_when_the_response_ends() -> None:
+def test_truncating_the_item_that_plays_stops_its_audio_at_once() -> None:
+    """The client stopped playback at ``audio_end_ms``: no more of that reply may reach it. The
+    response ends cancelled in the same step (epoch advance, so every hop drops its audio) and
+    its item enters history cut where the client stopped."""
     s = Session()
     rid = _speaking_response(s)
     item = s.a.response.item_id  # type: ignore[union-attr]
+    m = s.mark()
     s.command(ItemTruncate(SID, 0, s.next_seq(), item, 80))
-    assert s.sent(ItemTruncated)
-    s.a.on_cancel(ResponseCancel(SID, 0, s.seq), s.now)
-    s.take()
+    assert s.sent(ItemTruncated, since=m)
     done = s.done(rid)
+    assert done.response.status == "cancelled" and done.response.reason == "client_cancelled"
+    assert [a.reason for a in s.sent(EpochAdvance, Dest.ADAPTER, m)] == ["client_cancelled"]
+    assert s.play(rid, 3) == [False, False, False]
     assert done.response.output[0].audio_ms == 80
     assert s.a.history[-1].audio_ms == 80 and s.a.history[-1].content[0].transcript == "w0 w1"
+    # A cancel the client sends after its truncate finds nothing left to cancel.
+    s.a.on_cancel(ResponseCancel(SID, 0, s.seq), s.now)
+    s.take()
+    assert s.errors(m) == ["response_cancel_not_active"]
 
 
 def test_bad_truncates_and_acks_are_errors() -> None:
@@ -792,7 +857,7 @@ def test_idle_timeout_commits_and_responds_and_never_spins() -> None:
 
 
 def test_turn_states() -> None:
-    s = Session(overlap=OverlapParams(short_ack_ms=300, barge_in_ms=5000))
+    s = Session(overlap=OverlapParams(short_ack_ms=300))
     assert s.a.turn_state(s.now) == TurnState.IDLE
     s.talk(speech(300))
     assert s.a.turn_state(s.now) == TurnState.USER_SPEAKING

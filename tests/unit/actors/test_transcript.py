@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from duplexd.actors.transcript import Segment, cut_text, full_text
+from duplexd.actors.session.transcript import Segment, cut_text, full_text
 
 
 def segs(*parts: tuple[int, str]) -> list[Segment]:

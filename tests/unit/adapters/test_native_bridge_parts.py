@@ -50,7 +50,7 @@ def test_full_keeps_defaults_that_the_wire_omits() -> None:
             {"max_output_tokens": 0},
         ),
         ({"max_output_tokens": 40}, "server_vad", {"max_output_tokens": 40}),
-        ({"turn_mode": "duplex", "overlap": {"barge_in_ms": 900}}, "duplex", {"overlap.barge_in_ms": 900}),
+        ({"turn_mode": "duplex", "overlap": {"short_ack_ms": 900}}, "duplex", {"overlap.short_ack_ms": 900}),
         (
             {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}},
             "server_vad",
@@ -80,7 +80,7 @@ def test_realtime_spellings_reject_what_they_cannot_mean() -> None:
         ({"audio": {"input": {"format": {"type": "audio/mp3"}}}}, "invalid_value", "session.audio.input.format.type"),
         ({"audio": []}, "invalid_type", "session.audio"),
         ({"force_listen_count": "3"}, "invalid_type", "session.force_listen_count"),
-        ({"overlap": {"barge_in_ms": "soon"}}, "invalid_type", "session.overlap.barge_in_ms"),
+        ({"overlap": {"short_ack_ms": "soon"}}, "invalid_type", "session.overlap.short_ack_ms"),
         ({"overlap": {"colour": 1}}, "unknown_parameter", "session.overlap.colour"),
         ({"turn_mode": "telepathy"}, "invalid_value", "session.turn_mode"),
         ({"input_audio_format": {"encoding": "mp3"}}, "invalid_value", "session.input_audio_format.encoding"),

@@ -182,6 +182,20 @@ def test_version_flag() -> None:
     assert out.returncode == 0 and out.stdout.startswith("duplexd 0.") and "bus protocol" in out.stdout
 
 
+def test_the_cli_runs_from_a_source_tree_that_was_never_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPU benchmarks run the roles from a plain checkout: no package metadata exists there.
+    import importlib.metadata
+
+    from duplexd.runtime import cli
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert cli.version_line().startswith("duplexd (not installed) (bus protocol ")
+    assert cli._parser().parse_args(["check-config"]).command == "check-config"
+
+
 def test_check_config_refuses_what_serve_would_crash_on(tmp_path: Path) -> None:
     bad = _cli("check-config", "--config", str(_write(tmp_path, "[logging]\nlevel = 'verbose'\n")))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "logging.level" in bad.stderr
@@ -221,7 +235,7 @@ def test_secrets_split_and_merge_round_trip(tmp_path: Path) -> None:
 
 def test_make_run_takes_port_host_and_config() -> None:
     out = subprocess.run(
-        ["make", "-n", "run", "PORT=8123", "HOST=127.0.0.2", "CONFIG=my.toml"],
+        ["make", "--no-print-directory", "-n", "run", "PORT=8123", "HOST=127.0.0.2", "CONFIG=my.toml"],
         check=False,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ so an item can later be cut to exactly the audio the client played.
 
 from __future__ import annotations
 
-from duplexd.actors.transcript import Segment, cut_text
+from duplexd.actors.session.transcript import Segment, cut_text
 from duplexd.bus.messages import ContentPart, HistoryEntry, Item
 
 _AUDIO_PARTS = ("output_audio", "audio", "input_audio")
@@ -113,7 +113,7 @@ class Conversation:
     def context(self) -> tuple[HistoryEntry, ...]:
         """The conversation as text for stage0. The assistant item in progress is the
         model's own output, not context yet."""
-        return tuple(HistoryEntry(i.role, item_text(i)) for i in self.items if i.status != "in_progress")
+        return tuple(HistoryEntry(i.role, item_text(i), i.id) for i in self.items if i.status != "in_progress")
 
 
 def item_text(item: Item) -> str:

@@ -7,6 +7,9 @@ Positioned on the session's input clock (ms of audio received), so server VAD po
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
+
+Pcm = npt.NDArray[np.float32]  # mono float32 audio at the engine's input rate
 
 
 class InputBuffer:
@@ -14,7 +17,7 @@ class InputBuffer:
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
-        self._parts: list[np.ndarray] = []
+        self._parts: list[Pcm] = []
         self.samples = 0
         self.start_ms = 0.0  # input-clock position of the first sample held
 
@@ -22,7 +25,7 @@ class InputBuffer:
     def ms(self) -> float:
         return self.samples * 1000 / self.rate
 
-    def append(self, pcm: np.ndarray, at_ms: float) -> None:
+    def append(self, pcm: Pcm, at_ms: float) -> None:
         """``pcm`` whose first sample is at input position ``at_ms``."""
         if not self._parts:
             self.start_ms = at_ms
@@ -42,7 +45,7 @@ class InputBuffer:
         self.samples = pcm.size
         self.start_ms = now_ms - pcm.size * 1000 / self.rate
 
-    def take(self, from_ms: float | None, now_ms: float) -> np.ndarray:
+    def take(self, from_ms: float | None, now_ms: float) -> Pcm:
         """All audio held (from input position ``from_ms`` on, if given), emptying the buffer."""
         pcm = np.concatenate(self._parts) if self._parts else np.zeros(0, np.float32)
         if from_ms is not None:
