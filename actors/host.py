@@ -68,7 +68,8 @@ from duplexd.bus.metrics import (
     ADMISSIONS_REFUSED,
     BACKLOG_OVERFLOWS,
     BUS_BAD_FRAMES,
-    BUS_MESSAGES,
+    BUS_CONTROL_MESSAGES,
+    BUS_DATA_MESSAGES,
     QUEUE_DEPTH,
     SESSION_CAPACITY,
     SESSIONS,
@@ -167,9 +168,12 @@ class SessionHost:
                 await waiter.wait(_BACKLOG_RETRY_S if out.backlogged else self.hb_interval)
                 out.drain()
                 self._read_control()
+                received = 0
                 for rd in chan.recv_batch(DATA, self.max_data):
-                    BUS_MESSAGES.labels(plane="data").inc()
+                    received += 1
                     self._on_data(rd)
+                if received:
+                    BUS_DATA_MESSAGES.inc(received)
                 if chan.bad_frames.count != self._bad_seen:
                     BUS_BAD_FRAMES.inc(chan.bad_frames.count - self._bad_seen)
                     log(_log, logging.WARNING, "undecodable bus message", error=chan.bad_frames.last)
@@ -184,9 +188,12 @@ class SessionHost:
 
     def _read_control(self) -> None:
         assert self._chan is not None
+        received = 0
         for rc in self._chan.recv_batch(CONTROL):
-            BUS_MESSAGES.labels(plane="control").inc()
+            received += 1
             self._on_control(rc)
+        if received:
+            BUS_CONTROL_MESSAGES.inc(received)
         self._control_read_at = self.now()
 
     def stop(self) -> None:

@@ -44,7 +44,15 @@ from duplexd.bus.messages import (
     StageError,
     StageOpen,
 )
-from duplexd.bus.metrics import BACKPRESSURE, BUS_BAD_FRAMES, BUS_MESSAGES, QUEUE_DEPTH, STALE_DROPPED, snapshot
+from duplexd.bus.metrics import (
+    BACKPRESSURE,
+    BUS_BAD_FRAMES,
+    BUS_CONTROL_MESSAGES,
+    BUS_DATA_MESSAGES,
+    QUEUE_DEPTH,
+    STALE_DROPPED,
+    snapshot,
+)
 from duplexd.bus.sockets import (
     CONTROL,
     DATA,
@@ -324,18 +332,24 @@ class StageWorker(abc.ABC):
             wait = self.opts.heartbeat_interval_s if due is None else min(due, self.opts.heartbeat_interval_s)
             timeout_ms = max(0, int(wait * 1000))
         chan.poll(timeout_ms)
+        received = 0
         for rc in chan.recv_batch(CONTROL):
-            BUS_MESSAGES.labels(plane="control").inc()
+            received += 1
             self._on_control(rc.msg)
+        if received:
+            BUS_CONTROL_MESSAGES.inc(received)  # one increment per batch, not per message
         # Judged after reading control: a long step must not make the host look silent.
         dead = self.watch.dead(time.monotonic(), self._hostname, process_exited)
         if dead is not None:
             raise _HostRestarted(dead)
+        received = 0
         for rd in chan.recv_batch(DATA, self.opts.max_data):
-            BUS_MESSAGES.labels(plane="data").inc()
+            received += 1
             msg = rd.msg
             if isinstance(msg, StageData) and self.is_current(msg.session_id, msg.epoch):
                 self.on_data(msg)
+        if received:
+            BUS_DATA_MESSAGES.inc(received)
         if chan.bad_frames.count != self._bad_frames_seen:
             BUS_BAD_FRAMES.inc(chan.bad_frames.count - self._bad_frames_seen)
             log(_log, logging.WARNING, "undecodable bus message", error=chan.bad_frames.last)

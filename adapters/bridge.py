@@ -323,7 +323,7 @@ class DemoHandler(ProtocolHandler):
         engine = link.engine
         assert engine is not None
         if self._resampler is None:
-            self._resampler = InputResampler(self._in_rate, engine.input_rate)
+            self._resampler = InputResampler(self._in_rate, engine.input_rate, self.server.input_resampler)
         native = np.ascontiguousarray(self._resampler.push(pcm), dtype=np.float32)
         force = bool(opt_bool(msg, "force_listen"))
         now = time.monotonic()

@@ -43,6 +43,7 @@ from duplexd.bus.messages import (
     SpeechStopped,
 )
 from duplexd.bus.metrics import CLIENT_ERRORS, CONNECTIONS
+from duplexd.bus.resample import ResamplerMode
 from duplexd.bus.sockets import Backpressure
 
 _log = get_logger(__name__)
@@ -72,6 +73,7 @@ class Listener(Protocol):
     link: HostLink
     default_session: SessionConfig
     max_audio_bytes: int
+    input_resampler: ResamplerMode
 
 
 def new_event_id() -> str:
@@ -351,7 +353,7 @@ class ProtocolHandler(abc.ABC):
         engine = self.session.engine
         rate = engine.input_rate if engine else self.input_format.rate
         if self._resampler is None or self._resampler.out_rate != rate:
-            self._resampler = InputResampler(self.input_format.rate, rate)
+            self._resampler = InputResampler(self.input_format.rate, rate, self.server.input_resampler)
         native = self._resampler.push(pcm)
         if native.size or force:
             self.session.audio(np.ascontiguousarray(native, dtype=np.float32), force=force)

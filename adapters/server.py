@@ -40,6 +40,7 @@ from duplexd.adapters.realtime import RealtimeHandler
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import PROTOCOL_VERSION, Role, SessionConfig
 from duplexd.bus.metrics import RemoteCollector, snapshot, tag
+from duplexd.bus.resample import ResamplerMode
 
 _log = get_logger(__name__)
 
@@ -58,6 +59,9 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allow_insecure_bind: bool = False  # serve a non-loopback address without API keys
     max_message_bytes: int = 0  # websocket frame limit (larger closes with 1009); 0 = what max_audio_bytes needs
     max_audio_bytes: int = 15 * 1024 * 1024  # one append's decoded audio (larger: error event)
+    # Client → engine rate conversion: low_latency holds nothing back (a chunk completes on
+    # the frame that completes it); high_quality is soxr HQ (holds up to ~30 ms a push).
+    input_resampler: ResamplerMode = "low_latency"
     drain_timeout_s: float = 10.0
     ping_interval_s: float = 10.0  # websocket keepalive ping; a peer silent ping_timeout_s after it is cut
     ping_timeout_s: float = 10.0  # (a half-open TCP connection is found within interval + timeout)
@@ -162,6 +166,7 @@ class WebsocketServer:
         self.host = host
         self.port = port
         self.max_audio_bytes = settings.max_audio_bytes
+        self.input_resampler: ResamplerMode = settings.input_resampler
         self.api_keys = load_api_keys(settings)
         self.routes: dict[str, HandlerFactory] = {}
         self.draining = False  # SIGTERM drain: no new connections

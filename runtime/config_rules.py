@@ -19,6 +19,7 @@ import msgspec
 from duplexd.actors.engines.cascade.options import POLICIES
 from duplexd.actors.engines.moshi.options import DTYPES as MOSHI_DTYPES
 from duplexd.actors.engines.qwen_omni.options import DTYPES as QWEN_DTYPES
+from duplexd.bus.resample import RESAMPLER_MODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "server.api_key_file": Text("path"),
     "server.max_message_bytes": NON_NEGATIVE,  # 0 = derived; else >= 1024 (config.validate)
     "server.max_audio_bytes": AT_LEAST_ONE,
+    "server.input_resampler": OneOf(RESAMPLER_MODES),
     "server.drain_timeout_s": NON_NEGATIVE,
     "server.ping_interval_s": NON_NEGATIVE,
     "server.ping_timeout_s": NON_NEGATIVE,

@@ -253,7 +253,12 @@ def run_point(
 
 
 def sweep(
-    counts: list[int], systems: tuple[str, ...], warmup_s: float, measure_s: float, profile_dir: Path | None = None
+    counts: list[int],
+    systems: tuple[str, ...],
+    warmup_s: float,
+    measure_s: float,
+    profile_dir: Path | None = None,
+    server_settings: dict[str, Any] | None = None,
 ) -> list[Point]:
     points: list[Point] = []
     broken: dict[str, int] = {}  # consecutive counts a system was not real time at
@@ -270,6 +275,8 @@ def sweep(
                     pt = run_point(system, n, pc.port, pc.pids(), warmup_s, measure_s, prof)
             else:
                 sections = {k: dict(v) for k, v in ECHO_SECTIONS.items()}
+                if server_settings:
+                    sections["server"] = dict(server_settings)
                 with ServerProcess(sections=sections) as server:
                     time.sleep(0.5)
                     pids = duplexd_pids(server)
@@ -333,6 +340,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=float, default=0.0)
     ap.add_argument("--measure", type=float, default=0.0)
     ap.add_argument("--profile", action="store_true", help="py-spy the server at the highest N")
+    ap.add_argument("--input-resampler", default="", help="[server] input_resampler for duplexd (A/B the lever)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv or [])
     counts = [int(x) for x in args.counts.split(",") if x] or ([5] if quick else [50, 100, 200, 300, 400, 600, 800])
@@ -346,7 +354,8 @@ def main(quick: bool = False, argv: list[str] | None = None) -> None:
     t = time.strftime("%Y-%m-%d %H:%M:%S")
     print(f"sweep {counts} over {systems}, warm-up {warmup} s, window {measure} s; load {procstat.loadavg()}",
           flush=True)
-    points = sweep(counts, systems, warmup, measure, prof_dir)
+    server = {"input_resampler": args.input_resampler} if args.input_resampler else {}
+    points = sweep(counts, systems, warmup, measure, prof_dir, server)
     report(points, f"Echo sweep ({procstat.machine()}, {t}; duplexd scripted echo, Pipecat 1.14 echo)")
     out = Path(args.out) if args.out else RESULTS / ("sweep-quick.json" if quick else "sweep.json")
     out.write_text(
