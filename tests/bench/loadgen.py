@@ -194,6 +194,9 @@ class WsClient(asyncio.Protocol):
                 continue
             if op == 8:
                 self.sess.closed = True
+                if len(self.sess.error_samples) < 5:  # why the server closed it
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 0
+                    self.sess.error_samples.append(f"close {code} {payload[2:].decode(errors='replace')}")
                 continue
             if op == 0:
                 if self.frag is None:
@@ -348,7 +351,7 @@ async def run_sessions(spec: dict[str, Any]) -> dict[str, Any]:
     expected = sum(s.sent for s in sessions) * FRAME_SAMPLES
     received = sum(s.out_samples for s in sessions)
     for s in sessions:
-        if s.transport is not None:
+        if s.transport is not None and not s.closed and not s.transport.is_closing():
             s.transport.write(client_frame_op(0x88, b"\x03\xe8"))
             s.transport.close()
     lat = np.concatenate([np.asarray(s.latencies) for s in sessions]) * 1000 if sessions else np.zeros(0)
