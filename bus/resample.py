@@ -15,6 +15,7 @@ on speech-like audio.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Protocol
 
@@ -39,6 +40,35 @@ class StreamResampler(Protocol):
     def flush(self) -> np.ndarray: ...
 
 
+@functools.lru_cache(maxsize=64)
+def _filters(up: int, down: int, in_rate: int, out_rate: int, half: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(filter row per phase, the group matrix or None); shared by every resampler of a
+    ratio (stage1 makes one per turn: the Kaiser window is not cheap)."""
+    taps = 2 * half
+    cutoff = 0.5 * min(1.0, out_rate / in_rate) * _ROLLOFF  # cycles per input sample
+    j = np.arange(taps)
+    rows = np.empty((up, taps))
+    window = np.kaiser(taps, _BETA)
+    for p in range(up):
+        # Window element j is input sample i - (taps - 1) + j; output n (phase p) sits at
+        # i + p / up, and the filter is centred `half` samples before it: the delay.
+        dist = j - (taps - 1) + half - p / up
+        h = 2 * cutoff * np.sinc(2 * cutoff * dist) * window
+        rows[p] = h / h.sum()
+    rows32 = rows.astype(np.float32)
+    rows32.flags.writeable = False
+    if up > 8:
+        return rows32, None
+    # Few phases: one (taps + offset) x up matrix computes a whole group of `up` consecutive
+    # outputs from one window (member r's window ends r * down // up inputs after the first).
+    offsets = [r * down // up for r in range(up)]
+    group = np.zeros((taps + offsets[-1], up), dtype=np.float32)
+    for r, off in enumerate(offsets):
+        group[off : off + taps, r] = rows32[(r * down) % up]
+    group.flags.writeable = False
+    return rows32, group
+
+
 class PolyphaseResampler:
     """Causal rational-ratio resampler: nothing held back, a constant ``delay_s`` shift.
 
@@ -53,30 +83,10 @@ class PolyphaseResampler:
         self.up, self.down = out_rate // g, in_rate // g
         half = max(8, round(in_rate * half_ms / 1000))
         taps = 2 * half
-        cutoff = 0.5 * min(1.0, out_rate / in_rate) * _ROLLOFF  # cycles per input sample
-        j = np.arange(taps)
-        rows = np.empty((self.up, taps))
-        window = np.kaiser(taps, _BETA)
-        for p in range(self.up):
-            # Window element j is input sample i - (taps - 1) + j; output n (phase p) sits at
-            # i + p / up, and the filter is centred `half` samples before it: the delay.
-            dist = j - (taps - 1) + half - p / self.up
-            h = 2 * cutoff * np.sinc(2 * cutoff * dist) * window
-            rows[p] = h / h.sum()
-        self._rows = rows.astype(np.float32)
+        self._rows, self._group = _filters(self.up, self.down, in_rate, out_rate, half)
         self._taps = taps
         self._half = half
         self.delay_s = half / in_rate
-        # Ratios with few phases: one (taps + offset) x up matrix computes a whole group of
-        # `up` consecutive outputs from one window (member r's window ends r * down // up
-        # inputs after the group's first).
-        self._group: np.ndarray | None = None
-        if self.up <= 8:
-            offsets = [r * self.down // self.up for r in range(self.up)]
-            group = np.zeros((taps + offsets[-1], self.up), dtype=np.float32)
-            for r, off in enumerate(offsets):
-                group[off : off + taps, r] = self._rows[(r * self.down) % self.up]
-            self._group = group
         self._hist = np.zeros(taps + self.down, dtype=np.float32)  # enough past inputs for a group
         self._pad = np.zeros(self.down + taps, dtype=np.float32)  # the last group's unused tail
         self._n_in = 0
