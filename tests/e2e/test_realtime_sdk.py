@@ -707,8 +707,10 @@ async def test_g711_in_and_out(realtime_server: ServerProcess) -> None:
         assert audio["input"]["format"] == {"type": "audio/pcma"} and audio["output"]["format"] == {
             "type": "audio/pcmu"
         }
-        # 600 ms of tone then 400 ms of silence, A-law at 8 kHz.
-        x = np.concatenate([tone(600, rate=8000), silence(400, rate=8000)])
+        # 590 ms of tone then 410 ms of silence, A-law at 8 kHz. (The input resampler shifts
+        # audio ~1 ms later: a tone ending on a chunk boundary would leave a sliver in the
+        # next 100 ms chunk, so it ends 10 ms short of one.)
+        x = np.concatenate([tone(590, rate=8000), silence(410, rate=8000)])
         start = len(rec.events)
         for f in frames(x, 20, rate=8000):
             await conn.input_audio_buffer.append(audio=base64.b64encode(audioop.lin2alaw(pcm16(f), 2)).decode())
