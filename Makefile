@@ -83,8 +83,10 @@ test: install-test clients
 	-@sh tests/e2e/install_chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install-test
-	$(PY) -m tests.bench
+# make bench [QUICK=1] [BENCH="bus sweep"]: QUICK runs each benchmark's seconds-long mode
+# (the CI smoke); results land in bench-results/ (tables, JSON, PNG).
+bench: install-test clients
+	$(PY) -m tests.bench$(if $(QUICK), --quick) $(BENCH)
 
 # ruff, then mypy (strict; see [tool.mypy] in pyproject.toml). mypy reads duplexd.* through
 # build/typecheck, a link tree setup.py makes from the top-level folders.

@@ -1,9 +1,10 @@
 """Audio conversion at the edge: client formats ↔ the engine's native format.
 
-Input is converted once, here, with soxr (a real resampler) to float32 at the engine's
-input rate; output leaves as the bus output format (:mod:`duplexd.bus.audio_format`, pcm16
-24 kHz), resampled to the client's rate, or as G.711 at 8 kHz. G.711 uses the
-standard library's ``audioop`` (``audioop-lts`` on Python 3.13+), a maintained codec.
+Input is converted once, here, to float32 at the engine's input rate with a streaming
+resampler that holds nothing back (:mod:`duplexd.bus.resample`; soxr HQ on request).
+Output leaves as the bus output format (:mod:`duplexd.bus.audio_format`, pcm16 24 kHz),
+resampled to the client's rate, or as G.711 at 8 kHz. G.711 uses the standard library's
+``audioop`` (``audioop-lts`` on Python 3.13+), a maintained codec.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import soxr
 
 from duplexd.bus.audio_format import OUTPUT_DTYPE, OUTPUT_ENCODING, OUTPUT_RATE
+from duplexd.bus.resample import ResamplerMode, stream_resampler
 
 if sys.version_info >= (3, 13):  # pragma: no cover - depends on the interpreter
     import audioop  # provided by audioop-lts
@@ -103,30 +105,35 @@ def encode(pcm_out: np.ndarray, fmt: AudioFormat, resampler: OutputResampler | N
 
 
 class InputResampler:
-    """Streaming client-rate → engine-rate conversion (state kept across appends)."""
+    """Streaming client-rate → engine-rate conversion (state kept across appends).
 
-    def __init__(self, in_rate: int, out_rate: int) -> None:
+    ``low_latency`` (the default) holds nothing back, so the frame that completes an
+    engine chunk in input time completes it at the engine rate too (the audio is shifted
+    by ~1 ms instead); ``high_quality`` is soxr HQ, which holds up to ~30 ms of each push
+    until the next (:mod:`duplexd.bus.resample`).
+    """
+
+    def __init__(self, in_rate: int, out_rate: int, mode: ResamplerMode = "low_latency") -> None:
         self.in_rate = in_rate
         self.out_rate = out_rate
-        self._rs = None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
+        self.mode = mode
+        self._rs = None if in_rate == out_rate else stream_resampler(in_rate, out_rate, mode)
 
     def push(self, x: np.ndarray) -> np.ndarray:
         if self._rs is None:
             return x
-        out: np.ndarray = self._rs.resample_chunk(x)
-        return out
+        return self._rs.push(x)
 
     def flush(self) -> np.ndarray:
         """The resampler's tail (call before commit so the last milliseconds count)."""
         if self._rs is None:
             return np.zeros(0, dtype=np.float32)
-        tail: np.ndarray = self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
-        self._rs = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32")
-        return tail
+        return self._rs.flush()
 
 
 class OutputResampler(InputResampler):
-    """Streaming bus-output-rate → client-rate conversion for assistant audio."""
+    """Streaming bus-output-rate → client-rate conversion for assistant audio (soxr HQ:
+    its hold only delays the tail of an output message, never a decision)."""
 
     def __init__(self, out_rate: int) -> None:
-        super().__init__(OUTPUT_RATE, out_rate)
+        super().__init__(OUTPUT_RATE, out_rate, "high_quality")

@@ -29,8 +29,8 @@ class BusConfig(msgspec.Struct, **_STRICT):
     data: str = ""
     data_hwm: int = 2000
     handshake_timeout_s: float = 30.0
-    heartbeat_interval_s: float = 0.5
-    heartbeat_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 0.1
+    heartbeat_timeout_s: float = 0.75  # a peer silent this long is dead (beats come from a thread)
 
 
 class HostConfig(msgspec.Struct, **_STRICT):
@@ -39,15 +39,20 @@ class HostConfig(msgspec.Struct, **_STRICT):
     vad: str = "silero"  # silero | energy
     max_input_buffer_ms: int = 15 * 60 * 1000
     continuation_pace: float = 1.0
+    max_sessions: int = 0  # admission: sessions this node holds (0: no node limit; stage limits still apply)
+    backlog_audio_ms: int = 3000  # a session's audio waiting for a full adapter queue before its response fails
+    backlog_events: int = 2000  # ... or its events, before the session (with no response) is closed
 
 
 class Stage0Config(msgspec.Struct, **_STRICT):
     max_batch: int = 64
+    max_sessions: int = 0  # admission: sessions one stage0 process takes (0: its engine's slots, else none)
 
 
 class Stage1Config(msgspec.Struct, **_STRICT):
     max_batch: int = 64
     max_lead_ms: int = 1500  # generate at most this far ahead of real time (0: unbounded)
+    max_sessions: int = 0  # admission: sessions one stage1 process takes (0: no limit)
 
 
 class EngineConfig(msgspec.Struct, **_STRICT):
@@ -59,6 +64,7 @@ class SupervisorConfig(msgspec.Struct, **_STRICT):
     restart_window_s: float = 5.0  # ...before the supervisor gives up loudly
     start_timeout_s: float = 300.0  # model loading included
     stop_timeout_s: float = 15.0
+    watchdog_s: float = 15.0  # a ready role whose main loop sends no WATCHDOG=1 this long is killed, restarted
 
 
 class LoggingConfig(msgspec.Struct, **_STRICT):
@@ -108,6 +114,17 @@ def validate(cfg: Config) -> Config:
         problems.append("bus.control and bus.data must be set together")
     if cfg.bus.heartbeat_timeout_s <= cfg.bus.heartbeat_interval_s:
         problems.append("bus.heartbeat_timeout_s must be longer than bus.heartbeat_interval_s")
+    if 0 < cfg.server.max_message_bytes < 1024:
+        problems.append("server.max_message_bytes must be 0 (derived from max_audio_bytes) or at least 1024")
+    lead = cfg.stage1.max_lead_ms
+    if lead and cfg.server.slow_client_audio_ms < lead + 1000:
+        # A client that reads in real time has up to max_lead_ms of audio waiting, legitimately.
+        problems.append(
+            f"server.slow_client_audio_ms ({cfg.server.slow_client_audio_ms}) must be at least "
+            f"stage1.max_lead_ms + 1000 ({lead + 1000})"
+        )
+    if 0 < cfg.supervisor.watchdog_s < 1:
+        problems.append("supervisor.watchdog_s must be 0 (off) or at least 1 second")
     if cfg.server.bridge_port and cfg.server.bridge_port == cfg.server.port:
         problems.append("server.bridge_port must differ from server.port")
     if problems:

@@ -173,6 +173,11 @@ class Talker(abc.ABC):
         """Seconds until work in flight elsewhere (an asynchronous GPU job) may be ready."""
         return None
 
+    # Whether ``pending`` can turn true without a ``feed`` (asynchronous work, slots freed
+    # by other sessions): stage1 then looks at every turn each wake-up instead of only at
+    # the sessions fed, stepped or due since the last one.
+    polls_pending: bool = False
+
 
 class TalkerTurn(Protocol):
     key: str  # the response the turn speaks for

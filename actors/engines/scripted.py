@@ -46,6 +46,10 @@ class ScriptedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     out_chunk_ms: int = 40
     think_step_cost_ms: float = 0.0
     talk_step_cost_ms: float = 0.0
+    # Echo (benchmarks): in duplex the model speaks every live chunk, handing the chunk's own
+    # audio to the talker, which plays it back at the input rate; a turn ends every reply_ms.
+    # One output chunk per input chunk: the trivial step a framework comparison needs.
+    echo: bool = False
 
 
 def response_tag(response_id: str) -> int:
@@ -73,6 +77,7 @@ class _ThinkState:
     spoke_for: str = ""  # the response it already answered (one reply per response)
     speaking_left: int = 0  # duplex: chunks its last reply still plays for
     overlap: int = 0
+    echoed: int = 0  # echo: chunks spoken in the current turn
 
 
 class ScriptedThinker(Thinker):
@@ -114,6 +119,13 @@ class ScriptedThinker(Thinker):
         text = self.opts.reply_text.format(n=st.replies)
         return ThinkerOutput(Action.SPEAK, text=text, end_of_turn=True, listen_prob=0.1)
 
+    def _echo(self, st: _ThinkState, x: ThinkerInput) -> ThinkerOutput:
+        st.echoed += 1
+        end = st.echoed >= max(1, self.opts.reply_ms // self.opts.chunk_ms)
+        if end:
+            st.echoed = 0
+        return ThinkerOutput(Action.SPEAK, end_of_turn=end, listen_prob=0.0, hidden=x.pcm)
+
     def _decide(self, st: _ThinkState, x: ThinkerInput) -> ThinkerOutput:
         speech = _rms(x.pcm) >= self.opts.speech_rms
         if x.kind in (ChunkKind.UTTERANCE, ChunkKind.UTTERANCE_END):
@@ -133,6 +145,8 @@ class ScriptedThinker(Thinker):
         # LIVE: duplex, the model decides every chunk (the host forces the first N to listen).
         if x.force_listen:
             return ThinkerOutput(Action.LISTEN)
+        if self.opts.echo:
+            return self._echo(st, x)
         if st.speaking_left > 0:
             st.speaking_left -= 1
             st.overlap = st.overlap + 1 if speech else 0
@@ -168,6 +182,7 @@ class _TalkTurn:
     ended: bool = False  # saw end_of_turn
     spoken: bool = False  # some chunk of this turn carried words
     flushed: bool = False  # emitted the end_of_turn chunk
+    echo: bool = False  # chunks are played-back input, without markers
 
 
 class ScriptedTalker(TurnTalker[_TalkTurn]):
@@ -176,11 +191,16 @@ class ScriptedTalker(TurnTalker[_TalkTurn]):
     def __init__(self, opts: ScriptedOptions) -> None:
         super().__init__()
         self.opts = opts
-        self.output_rate = OUTPUT_RATE  # no resampling in stage1
+        # Tones are rendered at the bus rate (no resampling in stage1); an echo plays the
+        # input back at its own rate, so stage1 converts it as it would a real talker's.
+        self.output_rate = opts.input_rate if opts.echo else OUTPUT_RATE
 
     def feed(self, session_id: str, unit: TalkerInput) -> None:
         turn = self._turn_for(session_id, unit, lambda: _TalkTurn(unit.turn_key, response_tag(unit.turn_key)))
-        if unit.text:
+        if self.opts.echo and unit.hidden is not None:
+            turn.queue.append(TalkerChunk(np.asarray(unit.hidden, dtype=np.float32), text=unit.text))
+            turn.echo = True
+        elif unit.text:
             self._render(turn, unit.text)
         turn.ended = turn.ended or unit.end_of_turn
 
@@ -216,7 +236,8 @@ class ScriptedTalker(TurnTalker[_TalkTurn]):
                 continue
             if turn.queue:
                 chunk = turn.queue.popleft()
-                chunk.pcm[3] = turn.total / _SCALE
+                if not turn.echo:
+                    chunk.pcm[3] = turn.total / _SCALE
                 chunk.end_of_turn = turn.ended and not turn.queue
             elif turn.ended and not turn.flushed:
                 chunk = TalkerChunk(np.zeros(0, dtype=np.float32), end_of_turn=True)

@@ -5,7 +5,8 @@ what remains is duplexd's own overhead. Measured:
 
 * native turn: ``response.create`` sent → first assistant audio frame received;
 * native barge-in: a force frame (``0x02``) sent → ``epoch.advanced`` received (the moment
-  a client flushes its playback) and → ``response.done`` (cancelled);
+  a client flushes its playback) and → ``response.done`` (cancelled); stale bytes: audio
+  of the cancelled response that still arrives after ``epoch.advanced`` (must be 0);
 * bridge: a 1 s ``audio_chunk`` sent → its ``result`` received, for listen chunks (the
   model's decisions only) — the part of the demo's 1 s pacing budget duplexd uses.
 
@@ -24,18 +25,20 @@ import time
 import websockets
 
 from tests.bench.table import percentiles, print_table
-from tests.harness import NativeClient, ServerProcess, free_port, silence, tone
+from tests.harness import REPO, NativeClient, ServerProcess, free_port, silence, tone
 
 TURNS = 20
 BRIDGE_CHUNKS = 40
+RESULTS = REPO / "bench-results"
 
 
-async def _native(server: ServerProcess) -> tuple[list[float], list[float], list[float]]:
+async def _native(server: ServerProcess, turns: int = TURNS) -> tuple[list[float], list[float], list[float], int]:
     c = await NativeClient.connect(server)
     await c.send({"type": "session.update", "session": {"turn_mode": "manual"}})
     await c.wait_for("session.updated")
     first_audio, flush, done = [], [], []
-    for _ in range(TURNS):
+    stale = 0
+    for _ in range(turns):
         await c.stream(tone(200))
         await c.send({"type": "input_audio_buffer.commit"})
         n = len(c.events)
@@ -46,15 +49,18 @@ async def _native(server: ServerProcess) -> tuple[list[float], list[float], list
         n = len(c.events)
         t1 = time.perf_counter()
         await c.ws.send(b"\x02")
-        await c.wait_for("epoch.advanced", start=n)
+        adv = await c.wait_for("epoch.advanced", start=n)
         flush.append((time.perf_counter() - t1) * 1000)
         await c.wait_for(
             lambda e, rid=frame["response_id"]: e["type"] == "response.done" and e["response"]["id"] == rid, start=n
         )
         done.append((time.perf_counter() - t1) * 1000)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # whatever was still in flight has arrived by now
+        after = c.events.index(adv)
+        stale += sum(e["bytes"] for e in c.events[after:]
+                     if e["type"] == "audio" and e["response_id"] == frame["response_id"])
     await c.close()
-    return first_audio, flush, done
+    return first_audio, flush, done, stale
 
 
 async def _bridge(port: int) -> list[float]:
@@ -85,7 +91,7 @@ def _row(name: str, values: list[float], budget_ms: float) -> list[str]:
     ]
 
 
-def main() -> None:
+def main(quick: bool = False) -> dict[str, object]:
     port = free_port()
     server = ServerProcess(
         sections={
@@ -95,19 +101,26 @@ def main() -> None:
         }
     )
     with server:
-        first_audio, flush, done = asyncio.run(_native(server))
-        bridge = asyncio.run(_bridge(port))
+        first_audio, flush, done, stale = asyncio.run(_native(server, 5 if quick else TURNS))
+        bridge = asyncio.run(_bridge(port)) if not quick else []
     rows = [
         _row("native: response.create -> first audio frame", first_audio, 100),
         _row("native: force frame -> epoch.advanced", flush, 20),
         _row("native: force frame -> response.done", done, 20),
-        _row("bridge: audio_chunk -> result (listen)", bridge, 1000),
     ]
+    if bridge:
+        rows.append(_row("bridge: audio_chunk -> result (listen)", bridge, 1000))
     print_table(
         "client-visible latency, scripted engine (ms); ratio = p50 / budget",
         ["path", "n", "p50", "p95", "p99", "budget", "ratio"],
         rows,
     )
+    print(f"stale bytes after epoch.advanced over {len(flush)} cancels: {stale}", flush=True)
+    out = {"rows": rows, "cancels": len(flush), "stale_bytes": stale,
+           "cancel_to_done_p50_ms": percentiles(done, 50)[0]}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / ("native-quick.json" if quick else "native.json")).write_text(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -198,9 +198,11 @@ async def test_browser_demo_with_the_scripted_engine(
     # Duplex latency starts where turn mode's does, at the end of the user's speech: the
     # scripted model takes the turn only after a whole silent 100 ms chunk, so the figure
     # holds at least that, plus the time from the model's speak to the first sample played.
+    # The page stamps speech end at the capture of the newest voiced 20 ms frame, whose
+    # voiced part may end up to a frame earlier: the bound is 100 ms less one frame.
     duplex = [t for t in after["turns"] if t["mode"] == "duplex"]
     assert all(t["signal"] == "response.speak" for t in duplex), duplex
-    assert all(t["handoverMs"] >= 100 and t["latencyMs"] > t["handoverMs"] for t in duplex), duplex
+    assert all(t["handoverMs"] >= 80 and t["latencyMs"] > t["handoverMs"] for t in duplex), duplex
     # The engine says what it is, on the page.
     assert after["notice"] == "scripted test engine: it answers with tones, not words"
     assert await page.inner_text("#notice") == after["notice"]

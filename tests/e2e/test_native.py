@@ -299,13 +299,14 @@ async def test_commit_all_on_done_commits_the_whole_reply(native_server: ServerP
 
 async def test_duplex_mode_decides_every_chunk_and_speaks(native_server: ServerProcess) -> None:
     c = await _connect(native_server, {"turn_detection": {"type": "duplex", "force_listen_count": 2}})
-    # 300 ms silence (forced listens), 500 ms speech, then silence: the model takes the turn.
-    await c.stream(np.concatenate([silence(300), tone(500), silence(400)]))
+    # 300 ms silence (forced listens), ~500 ms speech, then silence: the model takes the turn.
+    # (The input resampler shifts audio ~1 ms later: the tone ends 10 ms short of a chunk
+    # boundary so no chunk holds a sliver of it.)
+    await c.stream(np.concatenate([silence(300), tone(490), silence(410)]))
     done = await c.wait_for("response.done")
     assert done["response"]["status"] == "completed"
     decisions = [e for e in c.events if e["type"] in ("response.listen", "response.speak")]
-    # 1.2 s of input = 12 engine chunks of 100 ms (the resampler may still hold the last
-    # few ms back): one decision each, in order.
+    # 1.2 s of input = 12 engine chunks of 100 ms: one decision each, in order.
     assert [d["chunk_seq"] for d in decisions] == list(range(len(decisions))) and len(decisions) >= 11
     kinds = [d["type"].removeprefix("response.") for d in decisions]
     assert kinds == ["listen"] * 8 + ["speak"] + ["listen"] * (len(decisions) - 9)

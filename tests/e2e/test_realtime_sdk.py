@@ -707,8 +707,10 @@ async def test_g711_in_and_out(realtime_server: ServerProcess) -> None:
         assert audio["input"]["format"] == {"type": "audio/pcma"} and audio["output"]["format"] == {
             "type": "audio/pcmu"
         }
-        # 600 ms of tone then 400 ms of silence, A-law at 8 kHz.
-        x = np.concatenate([tone(600, rate=8000), silence(400, rate=8000)])
+        # 590 ms of tone then 410 ms of silence, A-law at 8 kHz. (The input resampler shifts
+        # audio ~1 ms later: a tone ending on a chunk boundary would leave a sliver in the
+        # next 100 ms chunk, so it ends 10 ms short of one.)
+        x = np.concatenate([tone(590, rate=8000), silence(410, rate=8000)])
         start = len(rec.events)
         for f in frames(x, 20, rate=8000):
             await conn.input_audio_buffer.append(audio=base64.b64encode(audioop.lin2alaw(pcm16(f), 2)).decode())
@@ -792,8 +794,9 @@ async def test_bad_input_gets_error_events_and_session_keeps_working(realtime_se
         await expect(
             ev(type="response.create", response={"tools": [{"type": "function", "name": "f"}]}), "unsupported_parameter"
         )
-        # 20 MiB of audio in one append: refused at once, without decoding it.
-        big = base64.b64encode(bytes(20 * 1024 * 1024)).decode()
+        # 15.5 MiB of audio in one append (a frame within the 21 MiB frame limit): refused at
+        # once, without decoding it. (A frame above the limit closes the socket: 1009.)
+        big = base64.b64encode(bytes(31 * 512 * 1024)).decode()
         took = await expect(
             ev(type="input_audio_buffer.append", audio=big, event_id="e_big"), "audio_too_large", "audio", "e_big"
         )

@@ -81,6 +81,8 @@ class _Sess:
 class QwenOmniTalker(TurnTalker[_Turn]):
     """The talker stage (see module docstring)."""
 
+    polls_pending = True  # token2wav results land asynchronously; slots free up across sessions
+
     def __init__(self, opts: QwenOmniOptions) -> None:
         super().__init__()
         self.opts = opts
