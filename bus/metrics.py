@@ -75,6 +75,9 @@ HANDOFF_ARRAYS = Counter(
     registry=REGISTRY,
 )
 CONNECTIONS = Gauge("duplexd_ws_connections", "Open websocket connections", ["endpoint"], registry=REGISTRY)
+BUS_PEERS_REFUSED = Counter(
+    "duplexd_bus_peers_refused", "Bus connections refused by CURVE authentication", ["reason"], registry=REGISTRY
+)
 ROLE_RESTARTS = Counter("duplexd_role_restarts", "Roles restarted by the supervisor", ["role"], registry=REGISTRY)
 
 

@@ -23,6 +23,7 @@ import zmq
 
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.codec import CodecError, Encoder, control_decoder, data_decoder
+from duplexd.bus.curve import secure_client, secure_server
 from duplexd.bus.liveness import Handshake, HandshakeError
 from duplexd.bus.messages import ControlMessage, DataMessage, Hello, Message, Plane, Ready
 
@@ -183,6 +184,7 @@ def bind_host(addrs: BusAddresses, ctx: zmq.Context[Socket] | None = None) -> Ch
         # A peer that reconnects (host restart, re-handshake) reuses its identity: let the new
         # connection take over instead of being silently dropped as a duplicate.
         s.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        secure_server(s, ctx, addrs.curve)
         s.bind(addr)
     return Channel(ctx, ctl, data, routed=True)
 
@@ -194,6 +196,7 @@ def connect_peer(addrs: BusAddresses, identity: str, ctx: zmq.Context[Socket] | 
     data = _socket(ctx, zmq.DEALER, addrs.data_hwm)
     for s, addr in ((ctl, addrs.control), (data, addrs.data)):
         s.setsockopt(zmq.IDENTITY, identity.encode())
+        secure_client(s, addrs.curve)
         s.connect(addr)
     return Channel(ctx, ctl, data, routed=False)
 

@@ -4,6 +4,7 @@ duplexd serve [--config FILE] [--host H] [--port P] [--engine NAME]
 duplexd run ROLE [--config FILE] [...]      (ROLE: host, stage0, stage1, adapter)
 duplexd check-config [--config FILE]        (secrets are printed as "<redacted>")
 duplexd prepare-models [--config FILE]      (convert the local reply model now, not at first start)
+duplexd curve-keygen DIR NAME               (a CURVE certificate pair for [bus.curve]: DIR/NAME.key{,_secret})
 duplexd --version
 """
 
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     common(run)
     common(sub.add_parser("check-config", help="validate a config and print it as JSON (secrets redacted)"))
     common(sub.add_parser("prepare-models", help="convert the cascade's local reply model into the cache now"))
+    keygen = sub.add_parser("curve-keygen", help="write a CURVE certificate pair for [bus.curve]")
+    keygen.add_argument("dir", help="directory for NAME.key (public) and NAME.key_secret (mode 0600)")
+    keygen.add_argument("name", help="e.g. host, stage0-gpu1, adapter-a")
     sub.add_parser("version", help="print versions")
     return p
 
@@ -56,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(version_line())
+        return 0
+    if args.command == "curve-keygen":
+        from duplexd.bus.curve import keygen
+
+        public, secret = keygen(args.dir, args.name)
+        print(f"public: {public}\nsecret: {secret}")
         return 0
     # Children of `serve` get the secrets in their environment, not in their config file.
     passed = config_secrets.take_from_env() if args.command == "run" else {}

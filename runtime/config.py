@@ -15,6 +15,7 @@ import msgspec
 from duplexd.actors.engines.registry import EngineOptions, engine_names
 from duplexd.adapters.server import ServerSettings, check_bind
 from duplexd.bus.addresses import BusAddresses, default_run_dir, ipc_addresses
+from duplexd.bus.curve import CurveConfig
 from duplexd.bus.messages import SessionConfig
 from duplexd.runtime import config_rules
 
@@ -31,6 +32,7 @@ class BusConfig(msgspec.Struct, **_STRICT):
     handshake_timeout_s: float = 30.0
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 5.0
+    curve: CurveConfig = CurveConfig()  # [bus.curve]: encryption + authentication of the links
 
 
 class HostConfig(msgspec.Struct, **_STRICT):
@@ -80,8 +82,8 @@ class Config(msgspec.Struct, **_STRICT):
 
     def addresses(self) -> BusAddresses:
         if self.bus.control and self.bus.data:
-            return BusAddresses(self.bus.control, self.bus.data, self.bus.data_hwm)
-        return ipc_addresses(self.run_dir(), self.bus.data_hwm)
+            return BusAddresses(self.bus.control, self.bus.data, self.bus.data_hwm, self.bus.curve)
+        return msgspec.structs.replace(ipc_addresses(self.run_dir(), self.bus.data_hwm), curve=self.bus.curve)
 
     def run_dir(self) -> str:
         return self.bus.run_dir or default_run_dir(self.server.port)
@@ -106,6 +108,7 @@ def validate(cfg: Config) -> Config:
     problems = config_rules.check(cfg)
     if bool(cfg.bus.control) != bool(cfg.bus.data):
         problems.append("bus.control and bus.data must be set together")
+    problems += cfg.bus.curve.problems()
     if cfg.bus.heartbeat_timeout_s <= cfg.bus.heartbeat_interval_s:
         problems.append("bus.heartbeat_timeout_s must be longer than bus.heartbeat_interval_s")
     if cfg.server.bridge_port and cfg.server.bridge_port == cfg.server.port:

@@ -133,6 +133,9 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "bus.handshake_timeout_s": POSITIVE,
     "bus.heartbeat_interval_s": POSITIVE,
     "bus.heartbeat_timeout_s": POSITIVE,
+    "bus.curve.secret_key_file": Text("path"),
+    "bus.curve.server_key_file": Text("path"),
+    "bus.curve.authorized_keys_dir": Text("path"),
     # [host]
     "host.vad": OneOf(("silero", "energy")),
     "host.max_input_buffer_ms": Range(1000),
