@@ -207,6 +207,13 @@ def say_hello(chan: Channel, hello: Hello) -> None:
     chan.send(DATA, hello)
 
 
+def _try_hello(chan: Channel, hello: Hello) -> None:
+    # No connection yet, or one the host refused (a CURVE key it does not know): nothing is
+    # queued; the next retry says hello again, and the handshake times out with a clear error.
+    with contextlib.suppress(Backpressure):
+        say_hello(chan, hello)
+
+
 def handshake(
     chan: Channel, hello: Hello, timeout_s: float, retry_s: float = 1.0, stopped: Callable[[], bool] | None = None
 ) -> Ready:
@@ -219,7 +226,7 @@ def handshake(
             raise HandshakeError("stopped while waiting for the session host")
         now = time.monotonic()
         if hs.hello_due(now):
-            say_hello(chan, hello)
+            _try_hello(chan, hello)
         ctl_ready, _ = chan.poll(int(min(hs.wait_s(now), 0.25) * 1000) + 1)
         if ctl_ready:
             for r in chan.recv_batch(CONTROL):
@@ -275,7 +282,7 @@ async def handshake_async(
     while True:
         now = time.monotonic()
         if hs.hello_due(now):
-            say_hello(chan, hello)
+            _try_hello(chan, hello)
             waiter.wake()
         ctl_ready, _ = await waiter.wait(hs.wait_s(now))
         if ctl_ready:
