@@ -18,7 +18,7 @@ import msgspec
 from duplexd.bus.messages import PROTOCOL_VERSION
 from duplexd.runtime import logging as runtime_logging
 from duplexd.runtime import secrets as config_secrets
-from duplexd.runtime.config import ConfigError, full_builtins, load, with_overrides
+from duplexd.runtime.config import ConfigError, full_builtins, load, validate, with_overrides
 
 
 def version_line() -> str:
@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     common(sub.add_parser("serve", help="run all four roles under the built-in supervisor"))
     run = sub.add_parser("run", help="run one role (for systemd or multi-host)")
     run.add_argument("role", choices=("host", "stage0", "stage1", "adapter"))
+    run.add_argument("--shard", type=int, help="host: override host.shard (its entry of bus.hosts)")
     common(run)
     common(sub.add_parser("check-config", help="validate a config and print it as JSON (secrets redacted)"))
     common(sub.add_parser("prepare-models", help="convert the cascade's local reply model into the cache now"))
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     passed = config_secrets.take_from_env() if args.command == "run" else {}
     try:
         cfg = with_overrides(load(args.config, passed), args.host, args.port, args.engine, args.log_format)
+        if getattr(args, "shard", None) is not None:
+            cfg = validate(msgspec.structs.replace(cfg, host=msgspec.structs.replace(cfg.host, shard=args.shard)))
     except ConfigError as exc:
         print(f"duplexd: config error: {exc}", file=sys.stderr)
         return 2

@@ -22,12 +22,22 @@ from duplexd.runtime import config_rules
 _STRICT = {"frozen": True, "forbid_unknown_fields": True}
 
 
+class HostEndpoints(msgspec.Struct, **_STRICT):
+    """One session host of ``[bus] hosts``: its two ROUTER endpoints."""
+
+    control: str
+    data: str
+
+
 class BusConfig(msgspec.Struct, **_STRICT):
     """``[bus]``: where the session host listens and how peers keep in touch."""
 
     run_dir: str = ""  # ipc sockets, config, lock; "" = serve makes a private one per instance
     control: str = ""  # explicit endpoints (e.g. tcp://10.0.0.5:7001) override run_dir
     data: str = ""
+    # Sharded session hosts: every process lists all of them, in the same order; a host
+    # binds entry [host] shard; stages serve all; adapters route by session id (bus/shards.py).
+    hosts: tuple[HostEndpoints, ...] = ()
     data_hwm: int = 2000
     handshake_timeout_s: float = 30.0
     heartbeat_interval_s: float = 0.5
@@ -41,6 +51,7 @@ class HostConfig(msgspec.Struct, **_STRICT):
     vad: str = "silero"  # silero | energy
     max_input_buffer_ms: int = 15 * 60 * 1000
     continuation_pace: float = 1.0
+    shard: int = 0  # which entry of [bus] hosts this host binds (duplexd run host --shard N)
 
 
 class Stage0Config(msgspec.Struct, **_STRICT):
@@ -80,7 +91,17 @@ class Config(msgspec.Struct, **_STRICT):
     supervisor: SupervisorConfig = SupervisorConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    def host_addresses(self) -> list[BusAddresses]:
+        """Every session host's endpoints: ``[bus] hosts``, else the one host."""
+        b = self.bus
+        if b.hosts:
+            return [BusAddresses(h.control, h.data, b.data_hwm, b.curve) for h in b.hosts]
+        return [self.addresses()]
+
     def addresses(self) -> BusAddresses:
+        """The session host's endpoints (with ``[bus] hosts``: those of ``[host] shard``)."""
+        if self.bus.hosts:
+            return self.host_addresses()[min(self.host.shard, len(self.bus.hosts) - 1)]
         if self.bus.control and self.bus.data:
             return BusAddresses(self.bus.control, self.bus.data, self.bus.data_hwm, self.bus.curve)
         return msgspec.structs.replace(ipc_addresses(self.run_dir(), self.bus.data_hwm), curve=self.bus.curve)
@@ -108,6 +129,18 @@ def validate(cfg: Config) -> Config:
     problems = config_rules.check(cfg)
     if bool(cfg.bus.control) != bool(cfg.bus.data):
         problems.append("bus.control and bus.data must be set together")
+    if cfg.bus.hosts and cfg.bus.control:
+        problems.append("bus.hosts replaces bus.control/bus.data: set one or the other")
+    if cfg.host.shard >= max(1, len(cfg.bus.hosts)):
+        problems.append(f"host.shard {cfg.host.shard} is not an entry of bus.hosts ({len(cfg.bus.hosts)} listed)")
+    endpoints = [e for h in cfg.bus.hosts for e in (h.control, h.data)]
+    if len(set(endpoints)) != len(endpoints):
+        problems.append("bus.hosts: every host needs endpoints of its own")
+    for i, h in enumerate(cfg.bus.hosts):
+        for key, value in (("control", h.control), ("data", h.data)):
+            bad = config_rules.ENDPOINT.check(value)
+            if bad is not None:
+                problems.append(f"bus.hosts[{i}].{key}: {bad}")
     problems += cfg.bus.curve.problems()
     if cfg.bus.heartbeat_timeout_s <= cfg.bus.heartbeat_interval_s:
         problems.append("bus.heartbeat_timeout_s must be longer than bus.heartbeat_interval_s")

@@ -130,6 +130,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "bus.control": ENDPOINT,
     "bus.data": ENDPOINT,
     "bus.data_hwm": AT_LEAST_ONE,
+    "bus.hosts": Text("list of {control, data} endpoint tables, checked in config.validate"),
     "bus.handshake_timeout_s": POSITIVE,
     "bus.heartbeat_interval_s": POSITIVE,
     "bus.heartbeat_timeout_s": POSITIVE,
@@ -140,6 +141,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "host.vad": OneOf(("silero", "energy")),
     "host.max_input_buffer_ms": Range(1000),
     "host.continuation_pace": POSITIVE,
+    "host.shard": Range(0),
     # [session]
     "session.vad.threshold": PROBABILITY,
     "session.vad.prefix_padding_ms": NON_NEGATIVE,
