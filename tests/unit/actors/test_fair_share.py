@@ -22,9 +22,9 @@ def _simulate(pick_fair: bool, seconds: float = 20.0, step_s: float = 0.03, max_
     rr = 0
     t = 0.0
     while t < seconds:
-        for s in queues:
+        for s, q in queues.items():
             while next_at[s] <= t:
-                queues[s].append(next_at[s])
+                q.append(next_at[s])
                 fair.arrived(s, next_at[s], CHUNK_S)
                 next_at[s] += period[s]
         waiting = [s for s, q in queues.items() if q]
