@@ -81,7 +81,7 @@ class Cluster:
 
     def config(self, name: str, extra: dict[str, dict[str, Any]] | None = None) -> Path:
         sections = deep_merge(self.sections, extra or {})
-        sections.setdefault("server", {})["port"] = self.port
+        sections.setdefault("server", {}).setdefault("port", self.port)
         sections.setdefault("bus", {}).setdefault("run_dir", str(self.dir / "run"))
         sections.setdefault("engine", {}).setdefault("name", "scripted")
         sections.setdefault("logging", {}).setdefault("level", "INFO")
