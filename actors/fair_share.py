@@ -13,9 +13,10 @@ for them (``steady sessions ≤ max_batch`` per step, step time ≤ chunk durati
 chunk's tag is at most its arrival + one chunk duration, and a burster's head tag is
 beyond that as soon as it is one chunk ahead of real time, so the burster only takes slots
 the steady sessions leave free. A steady chunk then waits at most for the step running when
-it arrives plus its own step, as if the burster were not there. With round-robin among all
-waiting sessions, a burster instead takes a full share of every step, and steady sessions
-queue up once the replica is near capacity.
+it arrives plus its own step, as if the burster were not there. First come, first served
+(by arrival) would instead queue every steady chunk behind the burster's whole backlog.
+A replica with less capacity than its sessions' real-time shares cannot keep anyone at
+real time; that is for admission (max sessions per replica) to prevent.
 """
 
 from __future__ import annotations
