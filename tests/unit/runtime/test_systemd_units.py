@@ -69,13 +69,19 @@ def _template(role: str) -> configparser.ConfigParser:
 
 @pytest.mark.parametrize(
     ("role", "instance_use"),
-    [("host", "--shard %i"), ("adapter", "--port %i"), ("stage0", "CUDA_VISIBLE_DEVICES=%i"), ("stage1", "CUDA_VISIBLE_DEVICES=%i")],
+    [
+        ("host", "--shard %i"),
+        ("adapter", "--port %i"),
+        ("stage0", "Environment=CUDA_VISIBLE_DEVICES=%i"),
+        ("stage1", "Environment=CUDA_VISIBLE_DEVICES=%i"),
+    ],
 )
 def test_multihost_templates_run_one_role_per_instance(role: str, instance_use: str) -> None:
     u = _template(role)
     svc = u["Service"]
     assert svc["Type"] == "notify" and svc["ExecStart"].split()[1:3] == ["run", role]
-    assert instance_use in svc["ExecStart"] or instance_use in svc.get("Environment", "")
+    lines = (UNITS / f"duplexd-{role}@.service").read_text().splitlines()
+    assert any(instance_use in ln for ln in lines if ln.startswith(("ExecStart=", "Environment=")))
     # Roles of other machines are not pulled in; each instance has its own runtime dir.
     assert "Wants" not in u["Unit"] or u["Unit"]["Wants"] == "network-online.target"
     assert svc["RuntimeDirectory"] == "duplexd-%i"
