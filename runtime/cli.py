@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     common(sub.add_parser("serve", help="run all four roles under the built-in supervisor"))
     run = sub.add_parser("run", help="run one role (for systemd or multi-host)")
     run.add_argument("role", choices=("host", "stage0", "stage1", "adapter"))
-    run.add_argument("--shard", type=int, help="host: override host.shard (its entry of bus.hosts)")
+    run.add_argument(
+        "--shard", type=int, help="override host.shard: the entry of bus.hosts a host binds, or a stage serves"
+    )
     common(run)
     common(sub.add_parser("check-config", help="validate a config and print it as JSON (secrets redacted)"))
     common(sub.add_parser("prepare-models", help="convert the cascade's local reply model into the cache now"))

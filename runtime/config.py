@@ -35,8 +35,9 @@ class BusConfig(msgspec.Struct, **_STRICT):
     run_dir: str = ""  # ipc sockets, config, lock; "" = serve makes a private one per instance
     control: str = ""  # explicit endpoints (e.g. tcp://10.0.0.5:7001) override run_dir
     data: str = ""
-    # Sharded session hosts: every process lists all of them, in the same order; a host
-    # binds entry [host] shard; stages serve all; adapters route by session id (bus/shards.py).
+    # Sharded session hosts: every process lists all of them, in the same order; a host binds
+    # entry [host] shard and the stages of that shard serve it; adapters reach every host and
+    # send each session to its owner by id (bus/shards.py).
     hosts: tuple[HostEndpoints, ...] = ()
     data_hwm: int = 2000
     handshake_timeout_s: float = 30.0
@@ -51,7 +52,7 @@ class HostConfig(msgspec.Struct, **_STRICT):
     vad: str = "silero"  # silero | energy
     max_input_buffer_ms: int = 15 * 60 * 1000
     continuation_pace: float = 1.0
-    shard: int = 0  # which entry of [bus] hosts this host binds (duplexd run host --shard N)
+    shard: int = 0  # the entry of [bus] hosts a host binds and a stage serves (run ROLE --shard N)
 
 
 class Stage0Config(msgspec.Struct, **_STRICT):

@@ -22,6 +22,7 @@ from duplexd.actors.stage1 import Stage1Worker
 from duplexd.actors.worker import StageWorker, WorkerOptions, run_worker_forever
 from duplexd.adapters.link import HostLink
 from duplexd.adapters.server import AdapterServer
+from duplexd.adapters.sharded_link import AnyLink, ShardedLink
 from duplexd.bus.log import get_logger, log
 from duplexd.runtime import sdnotify
 from duplexd.runtime.config import Config
@@ -137,7 +138,13 @@ def run_adapter(cfg: Config) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        link = HostLink(cfg.addresses(), b.handshake_timeout_s, b.heartbeat_interval_s, b.heartbeat_timeout_s)
+        hosts = cfg.host_addresses()
+        link: AnyLink
+        if len(hosts) > 1:
+            # Sharded session hosts: each session goes to the host that owns its id.
+            link = ShardedLink(hosts, b.handshake_timeout_s, b.heartbeat_interval_s, b.heartbeat_timeout_s)
+        else:
+            link = HostLink(hosts[0], b.handshake_timeout_s, b.heartbeat_interval_s, b.heartbeat_timeout_s)
         await link.start()
         server = AdapterServer(cfg.server, link, cfg.session)
         bridge = None
