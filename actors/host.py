@@ -20,41 +20,41 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from duplexd.actors.session import Dest, HostSettings, Out, SessionActor
+from duplexd.actors import admission
+from duplexd.actors.backlog import BacklogBudget
+from duplexd.actors.bound import Bound
+from duplexd.actors.outbound import HostSender
+from duplexd.actors.peers import Peer, load, pick, ready_peers
+from duplexd.actors.session import Dest, HostSettings, SessionActor
 from duplexd.bus.addresses import BusAddresses
-from duplexd.bus.liveness import HelloVerdict, PeerBook, PeerLife
+from duplexd.bus.liveness import HelloVerdict, PeerBook, process_exited
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     PROTOCOL_VERSION,
-    AudioChunk,
     AudioOut,
     ChunksAnswered,
     ClientCommand,
+    CloseCause,
     ClusterStatus,
     ControlMessage,
     DataMessage,
-    Decision,
     EngineInfo,
     ErrorEvent,
     Goodbye,
     Heartbeat,
     Hello,
     HelloRequired,
-    KvLease,
     KvLeaseReport,
     Message,
-    MetricSample,
     NoNewSessions,
     Plane,
     Ready,
     Refused,
     ResponseCancel,
-    ResponseDone,
     Role,
     RoleStatus,
     SessionClose,
@@ -65,85 +65,35 @@ from duplexd.bus.messages import (
     StageError,
 )
 from duplexd.bus.metrics import (
-    BACKPRESSURE,
+    ADMISSIONS_REFUSED,
+    BACKLOG_OVERFLOWS,
     BUS_BAD_FRAMES,
     BUS_MESSAGES,
-    FIRST_AUDIO_SECONDS,
-    RESPONSES,
+    QUEUE_DEPTH,
+    SESSION_CAPACITY,
     SESSIONS,
+    SESSIONS_AVAILABLE,
     STAGE_ERRORS,
     STALE_DROPPED,
     snapshot,
     tag,
 )
-from duplexd.bus.sockets import CONTROL, DATA, AsyncWaiter, Backpressure, Channel, Received, bind_host
+from duplexd.bus.sockets import (
+    CONTROL,
+    DATA,
+    AsyncWaiter,
+    Channel,
+    Received,
+    bind_host,
+)
 
 _log = get_logger(__name__)
+
+_BACKLOG_RETRY_S = 0.005  # how soon the loop retries a peer whose data queue was full
 
 
 def _plane(name: str) -> Plane:
     return CONTROL if name == CONTROL else DATA
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-@dataclass(slots=True)
-class Peer:
-    """A connected process: its liveness record plus what the host routes to it."""
-
-    life: PeerLife
-    engine: EngineInfo | None
-    sessions: set[str] = field(default_factory=set)
-    metrics: tuple[MetricSample, ...] = ()
-
-    @property
-    def identity(self) -> bytes:
-        return self.life.identity
-
-    @property
-    def role(self) -> Role:
-        return self.life.role
-
-    @property
-    def pid(self) -> int:
-        return self.life.pid
-
-    @property
-    def hostname(self) -> str:
-        return self.life.hostname
-
-    @property
-    def ready(self) -> bool:
-        return self.life.ready
-
-    @property
-    def name(self) -> str:
-        return self.identity.decode(errors="replace")
-
-
-def _has_room(p: Peer) -> bool:
-    cap = p.engine.max_sessions if p.engine is not None else 0
-    return cap == 0 or len(p.sessions) < cap
-
-
-@dataclass(slots=True)
-class _Bound:
-    actor: SessionActor
-    adapter: bytes
-    stage0: bytes | None
-    stage1: bytes | None
-    first_audio_logged: str = ""
-    chunk_sent: int = -1  # newest chunk_seq sent to stage0
-    decision_shown: int = -1  # newest chunk_seq whose Decision reached the adapter
-    kv_lease: KvLease | None = None  # the newest lease report of its stage0
 
 
 class SessionHost:
@@ -158,6 +108,8 @@ class SessionHost:
         metrics_interval_s: float = 2.0,
         max_data: int = 512,
         clock: Callable[[], float] | None = None,
+        backlog: BacklogBudget | None = None,
+        max_sessions: int = 0,
     ) -> None:
         self.addrs = addrs
         self.settings = settings or HostSettings()
@@ -168,8 +120,16 @@ class SessionHost:
         self.instance = uuid.uuid4().hex[:12]
         self.book = PeerBook(heartbeat_interval_s, heartbeat_timeout_s, metrics_interval_s)
         self.peers: dict[bytes, Peer] = {}
-        self.sessions: dict[str, _Bound] = {}
+        self.sessions: dict[str, Bound] = {}
+        self.backlog_budget = backlog or BacklogBudget()
+        self._out: HostSender | None = None  # sends, and adapter data its full queue refused
+        self.max_sessions = max_sessions  # the node's admission limit (0: none)
         self.draining = False
+        # When the loop last read the control plane: silence is judged from there, so a
+        # stall of this process is never blamed on peers whose heartbeats wait unread.
+        self._control_read_at = 0.0
+        self._exited: set[bytes] = set()  # peers found dead while sending; handled after that flush
+        self.on_turn: Callable[[], object] | None = None  # once per loop turn (the watchdog ping)
         self._stop = asyncio.Event()
         self._chan: Channel | None = None
         self._waiter: AsyncWaiter | None = None
@@ -186,6 +146,7 @@ class SessionHost:
     # ------------------------------------------------------------------ main loop
     async def serve(self, ready: Callable[[], object] | None = None) -> None:
         self._chan = chan = bind_host(self.addrs)
+        self._out = out = HostSender(chan, self.backlog_budget)
         self._waiter = waiter = AsyncWaiter(chan)
         log(
             _log,
@@ -200,10 +161,12 @@ class SessionHost:
         hb = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         try:
             while not self._stop.is_set():
-                await waiter.wait(self.hb_interval)
-                for rc in chan.recv_batch(CONTROL):
-                    BUS_MESSAGES.labels(plane="control").inc()
-                    self._on_control(rc)
+                if self.on_turn is not None:
+                    self.on_turn()
+                # A backlog waits for room in a peer's queue: look again soon.
+                await waiter.wait(_BACKLOG_RETRY_S if out.backlogged else self.hb_interval)
+                out.drain()
+                self._read_control()
                 for rd in chan.recv_batch(DATA, self.max_data):
                     BUS_MESSAGES.labels(plane="data").inc()
                     self._on_data(rd)
@@ -218,6 +181,13 @@ class SessionHost:
             with contextlib.suppress(asyncio.CancelledError):
                 await hb
             self._shutdown()
+
+    def _read_control(self) -> None:
+        assert self._chan is not None
+        for rc in self._chan.recv_batch(CONTROL):
+            BUS_MESSAGES.labels(plane="control").inc()
+            self._on_control(rc)
+        self._control_read_at = self.now()
 
     def stop(self) -> None:
         self._stop.set()
@@ -235,7 +205,7 @@ class SessionHost:
             await asyncio.sleep(0.05)  # responses end through the bus loop; poll their state
         now = self.now()
         for sid in list(self.sessions):
-            self._close_session(sid, now, "server shutting down")
+            self._close_session(sid, now, "server shutting down", CloseCause.SHUTDOWN)
         await asyncio.sleep(0.1)  # let the closes leave
         self.stop()
 
@@ -253,17 +223,10 @@ class SessionHost:
 
     # ------------------------------------------------------------------ sending
     def _send(self, identity: bytes, plane: Plane, msg: Message, frames: list[Any] | None = None) -> bool:
-        assert self._chan is not None
-        try:
-            if frames is not None:
-                self._chan.send_frames(plane, frames, identity)
-            else:
-                self._chan.send(plane, msg, identity)
-            return True
-        except Backpressure as exc:
-            BACKPRESSURE.labels(hop=f"host-{plane}").inc()
-            log(_log, logging.WARNING, "send refused", peer=identity.decode(errors="replace"), error=str(exc))
-            return False
+        """Send now, or (adapter data) hold it behind that adapter's backlog; False: lost."""
+        assert self._out is not None
+        peer = self.peers.get(identity)
+        return self._out.send(identity, plane, msg, frames, holdable=peer is not None and peer.role == Role.ADAPTER)
 
     def _flush(self, sid: str) -> None:
         b = self.sessions.get(sid)
@@ -271,7 +234,6 @@ class SessionHost:
             return
         actor = b.actor
         now = self.now()
-        adapter_stuck = False
         # Sending can make the actor emit more (a failed send is itself an event): loop.
         while actor.outbox:
             for out in actor.take_outbox():
@@ -284,67 +246,65 @@ class SessionHost:
                         out.msg, snapshot=msgspec.structs.replace(out.msg.snapshot, kv_lease=b.kv_lease)
                     )
                 if not self._send(dest, _plane(out.plane), out.msg, out.frames):
-                    if out.dest == Dest.ADAPTER:
-                        adapter_stuck = True
-                    else:
+                    # A stage whose process just exited: not "overloaded"; its loss fails the
+                    # work below. (To the adapter: it is gone; _peer_gone closes its sessions.)
+                    if out.dest != Dest.ADAPTER and not self._exited_now(dest):
                         actor.on_send_failed(out, now)
                     continue
-                self._observe(b, out, now)
-        if adapter_stuck and not actor.closed:
-            # The adapter is not reading: events would be lost, so end the session cleanly.
-            actor.close(now, "adapter overloaded")
-            for out in actor.take_outbox():
-                dest = self._dest(b, out.dest)
-                if dest is not None and out.dest != Dest.ADAPTER:
-                    self._send(dest, _plane(out.plane), out.msg)
+                b.observe(out, now)
+            if not actor.outbox:
+                self._relieve(b, now)
         if actor.closed:
             self._forget(sid)
         else:
             self._schedule(sid, actor.next_deadline())
+        while self._exited:
+            peer = self.peers.get(self._exited.pop())
+            if peer is not None:
+                self._dead(peer, "process exited", self.now())
 
-    def _dest(self, b: _Bound, dest: Dest) -> bytes | None:
+    def _exited_now(self, identity: bytes) -> bool:
+        """Whether the peer a send to failed is a process on this machine that has exited."""
+        peer = self.peers.get(identity)
+        if peer is None or peer.hostname != self._hostname or not process_exited(peer.pid):
+            return False
+        self._exited.add(identity)
+        return True
+
+    def _relieve(self, b: Bound, now: float) -> None:
+        """A session whose events wait too long for its adapter fails visibly: its response
+        first (``overloaded`` error, ``response.done`` failed: the epoch advance makes its
+        queued audio stale, and it is dropped here); then, if that is not enough, the
+        session itself. Its error and terminal events still reach the client, in order."""
+        backlog = self._out.backlogs.get(b.adapter) if self._out is not None else None
+        actor = b.actor
+        if backlog is None or actor.closed or not backlog.over_budget(actor.session_id):
+            return
+        queued, ms = backlog.share(actor.session_id)
+        had_response = actor.response is not None
+        BACKLOG_OVERFLOWS.labels(action="response_failed" if had_response else "session_closed").inc()
+        log(
+            _log,
+            logging.WARNING,
+            "client events backlogged past budget",
+            session_id=actor.session_id,
+            epoch=actor.epoch,
+            queued=queued,
+            queued_audio_ms=round(ms),
+            action="fail response" if had_response else "close session",
+        )
+        actor.on_client_overloaded(now)
+        stale = backlog.purge_stale(actor.session_id, actor.epoch)
+        if stale:
+            STALE_DROPPED.labels(hop="host").inc(stale)
+
+    def _dest(self, b: Bound, dest: Dest) -> bytes | None:
         if dest == Dest.ADAPTER:
             return b.adapter if b.adapter in self.peers else None
         ident = b.stage0 if dest == Dest.STAGE0 else b.stage1
         if ident is None or ident not in self.peers:
             return None
         return ident
-
-    def _observe(self, b: _Bound, out: Out, now: float) -> None:
-        msg = out.msg
-        if isinstance(msg, AudioChunk):
-            b.chunk_sent = msg.chunk_seq
-        elif isinstance(msg, Decision):
-            b.decision_shown = msg.chunk_seq
-        elif isinstance(msg, ResponseDone):
-            RESPONSES.labels(status=msg.response.status.value).inc()
-            log(
-                _log,
-                logging.INFO,
-                "response done",
-                session_id=msg.session_id,
-                response_id=msg.response.id,
-                epoch=msg.epoch,
-                status=msg.response.status.value,
-                reason=msg.response.reason,
-            )
-        elif isinstance(msg, AudioOut) and msg.response_id != b.first_audio_logged:
-            b.first_audio_logged = msg.response_id
-            r = b.actor.response
-            if r is not None and r.id == msg.response_id:
-                FIRST_AUDIO_SECONDS.observe(max(0.0, now - r.created_at))
-        elif isinstance(msg, ErrorEvent):
-            # The adapter logs the one INFO line per error event a client gets ("client error").
-            log(
-                _log,
-                logging.DEBUG,
-                "error event",
-                session_id=msg.session_id,
-                response_id=msg.response_id,
-                epoch=msg.epoch,
-                code=msg.code,
-                error=msg.message,
-            )
 
     def _chunks_answered(self, sid: str, through_seq: int) -> None:
         """Tell the adapter stage0 got this far with answers no Decision showed."""
@@ -381,6 +341,15 @@ class SessionHost:
             self._on_hello(r.identity, msg, CONTROL)
             return
         now = self.now()
+        if isinstance(msg, Heartbeat):
+            beat = self.book.beat(r.identity, msg, now)
+            if beat is not None:  # from a peer's beacon thread: never answered there
+                owner, life = beat
+                if life is None:
+                    self._send(owner, CONTROL, HelloRequired(self.instance))  # to its main socket
+                elif msg.metrics and owner in self.peers:
+                    self.peers[owner].metrics = msg.metrics
+                return
         peer = self.peers.get(r.identity)
         if peer is None or self.book.seen(r.identity, now) is None:
             # A peer we do not know (we restarted): ask it to say hello again.
@@ -443,20 +412,31 @@ class SessionHost:
             self._peer_gone(old, "replaced by a new process")
         peer = self.peers.get(identity)
         if peer is None:
-            peer = self.peers[identity] = Peer(out.peer, hello.engine)
+            cap = admission.stage_capacity(hello.max_sessions, hello.engine)
+            peer = self.peers[identity] = Peer(out.peer, hello.engine, cap)
         if out.verdict == HelloVerdict.READY:
             log(_log, logging.INFO, "peer ready", peer=peer.name, peer_role=peer.role.value, peer_pid=peer.pid)
-            self._send(identity, CONTROL, Ready(PROTOCOL_VERSION, self.instance))
+            self._send(identity, CONTROL, self._ready_msg())
             self._status_dirty = True
             if peer.role in (Role.STAGE0, Role.STAGE1):
                 self._rebind_orphans(peer)
         elif out.verdict == HelloVerdict.READY_AGAIN:
-            self._send(identity, CONTROL, Ready(PROTOCOL_VERSION, self.instance))  # a retried hello
+            self._send(identity, CONTROL, self._ready_msg())  # a retried hello
+
+    def _ready_msg(self) -> Ready:
+        return Ready(PROTOCOL_VERSION, self.instance, pid=os.getpid(), hostname=self._hostname)
+
+    def _dead(self, peer: Peer, reason: str, now: float) -> None:
+        silent = round(now - peer.life.last_seen, 2)
+        log(_log, logging.ERROR, "peer dead", peer=peer.name, peer_role=peer.role.value, reason=reason, silent_s=silent)
+        self._peer_gone(peer, reason)
 
     def _peer_gone(self, peer: Peer, reason: str) -> None:
         if self.peers.get(peer.identity) is not peer:
             return
         del self.peers[peer.identity]
+        if self._out is not None:
+            self._out.drop(peer.identity)
         if self.book.peers.get(peer.identity) is peer.life:
             self.book.forget(peer.identity)
         # The cluster status first, so an adapter knows the stage is gone (/health 503) by
@@ -488,7 +468,7 @@ class SessionHost:
 
     def _rebind(self, sid: str, role: Role) -> None:
         b = self.sessions[sid]
-        peer = self._pick(role)
+        peer = self._pick(role, with_room=True)
         if peer is None:
             return
         if role == Role.STAGE0:
@@ -501,14 +481,10 @@ class SessionHost:
         self._flush(sid)
 
     def _ready(self, role: Role) -> list[Peer]:
-        return [p for p in self.peers.values() if p.role == role and p.ready]
+        return ready_peers(self.peers.values(), role)
 
     def _pick(self, role: Role, with_room: bool = False) -> Peer | None:
-        """The least-loaded ready peer of ``role``; ``with_room``: only one with a free model slot."""
-        ready = self._ready(role)
-        if with_room:
-            ready = [p for p in ready if _has_room(p)]
-        return min(ready, key=lambda p: len(p.sessions)) if ready else None
+        return pick(self.peers.values(), role, with_room)
 
     def engine_info(self) -> EngineInfo | None:
         p = self._pick(Role.STAGE0)
@@ -518,28 +494,36 @@ class SessionHost:
     def _open_session(self, adapter: Peer, msg: SessionOpen, now: float) -> None:
         sid = msg.session_id
 
-        def refuse(code: str, message: str) -> None:
-            self._send(adapter.identity, DATA, ErrorEvent(sid, 0, code, message, type="server_error", fatal=True))
-            self._send(adapter.identity, DATA, SessionClosed(sid, 0, message))
+        def refuse(code: str, message: str, limit: str) -> None:
+            ADMISSIONS_REFUSED.labels(limit=limit).inc()
+            log(_log, logging.INFO, "session refused", session_id=sid, code=code, limit=limit, error=message)
+            # An error, then a close the adapter renders as 1013 "try again later".
+            self._send(adapter.identity, DATA, ErrorEvent(sid, 0, code, message, type="server_error"))
+            self._send(adapter.identity, DATA, SessionClosed(sid, 0, message, cause=CloseCause.REFUSED))
 
         if sid in self.sessions:
-            refuse("session_exists", f"session {sid} is already open")
+            refuse("session_exists", f"session {sid} is already open", "duplicate")
             return
         if self.draining:
-            refuse("server_draining", "the server is shutting down; no new sessions")
+            refuse("server_draining", "the server is shutting down; no new sessions", "draining")
             return
-        s0, s1 = self._pick(Role.STAGE0, with_room=True), self._pick(Role.STAGE1)
-        if s0 is None and self._pick(Role.STAGE0) is not None:
-            # Admission: a stage0 with a fixed number of model slots has none free.
-            slots = sum(p.engine.max_sessions for p in self._ready(Role.STAGE0) if p.engine)
-            refuse("capacity_exceeded", f"all {slots} model slots are in use; try again when a session ends")
+        ready0, ready1 = self._ready(Role.STAGE0), self._ready(Role.STAGE1)
+        if not ready0 or not ready1:
+            refuse("stage_unavailable", "the model stages are not ready", "unavailable")
             return
+        refusal = admission.admit(
+            len(self.sessions), self.max_sessions, [load(p) for p in ready0], [load(p) for p in ready1]
+        )
+        if refusal is not None:
+            refuse(refusal.code, refusal.message, refusal.limit)
+            return
+        s0, s1 = self._pick(Role.STAGE0, with_room=True), self._pick(Role.STAGE1, with_room=True)
         if s0 is None or s1 is None or s0.engine is None:
-            refuse("stage_unavailable", "the model stages are not ready")
+            refuse("stage_unavailable", "the model stages are not ready", "unavailable")
             return
         actor = SessionActor(sid, msg.config, s0.engine, self.settings)
         actor.stage_names = {Role.STAGE0: s0.name, Role.STAGE1: s1.name}
-        self.sessions[sid] = _Bound(actor, adapter.identity, s0.identity, s1.identity)
+        self.sessions[sid] = Bound(actor, adapter.identity, s0.identity, s1.identity)
         for p in (adapter, s0, s1):
             p.sessions.add(sid)
         SESSIONS.set(len(self.sessions))
@@ -557,11 +541,11 @@ class SessionHost:
         actor.open(now)
         self._flush(sid)
 
-    def _close_session(self, sid: str, now: float, reason: str) -> None:
+    def _close_session(self, sid: str, now: float, reason: str, cause: CloseCause = CloseCause.NORMAL) -> None:
         b = self.sessions.get(sid)
         if b is None:
             return
-        b.actor.close(now, reason)
+        b.actor.close(now, reason, cause)
         self._flush(sid)
 
     def _forget(self, sid: str) -> None:
@@ -590,6 +574,10 @@ class SessionHost:
             return
         sid = getattr(msg, "session_id", None)
         b = self.sessions.get(sid) if sid is not None else None
+        if b is None and sid is not None and peer.role == Role.ADAPTER:
+            # Its SessionOpen may have reached the control queue after we last read it.
+            self._read_control()
+            b = self.sessions.get(sid)
         if b is None:
             return  # a session that closed while this was in flight
         now = self.now()
@@ -624,21 +612,14 @@ class SessionHost:
             await asyncio.sleep(max(0.01, self.book.wait_s(self.now())))
             now = self.now()
             # Same machine: a dead process is known at once, no need to wait for heartbeats.
-            for life, reason in self.book.dead(now, self._hostname, lambda pid: not _pid_alive(pid)):
+            # Silence counts up to when the loop last read control (see bus/liveness.py).
+            judged_at = min(now, self._control_read_at) if self._control_read_at else now
+            for life, reason in self.book.dead(judged_at, self._hostname, process_exited):
                 peer = self.peers.get(life.identity)
                 if peer is None:
                     self.book.forget(life.identity)
                     continue
-                log(
-                    _log,
-                    logging.ERROR,
-                    "peer dead",
-                    peer=peer.name,
-                    peer_role=peer.role.value,
-                    reason=reason,
-                    silent_s=round(now - life.last_seen, 2),
-                )
-                self._peer_gone(peer, reason)
+                self._dead(peer, reason, now)
             beat = self.book.heartbeat_due(now)
             if beat is not None:
                 for p in list(self.peers.values()):
@@ -649,6 +630,15 @@ class SessionHost:
             if self._status_dirty:
                 # Right away, so adapters learn of a dead peer with (or before) its sessions' errors.
                 self._broadcast_status()
+
+    def capacity(self) -> tuple[int, int]:
+        """(sessions admitted in all, more admitted now); -1: no limit (actors/admission.py)."""
+        return admission.capacity(
+            len(self.sessions),
+            self.max_sessions,
+            [load(p) for p in self._ready(Role.STAGE0)],
+            [load(p) for p in self._ready(Role.STAGE1)],
+        )
 
     def role_statuses(self) -> tuple[RoleStatus, ...]:
         out = [RoleStatus(Role.HOST, "host", os.getpid(), "ready", host=self._hostname)]
@@ -663,6 +653,10 @@ class SessionHost:
         self._status_dirty = False
         if self._chan is None:
             return
+        cap, available = self.capacity()
+        SESSION_CAPACITY.set(cap)
+        SESSIONS_AVAILABLE.set(0 if self.draining else available)
+        QUEUE_DEPTH.labels(queue="host_adapter_backlog").set(self._out.depth if self._out else 0)
         # Stage metrics ride along, tagged, so the adapter can render the whole cluster.
         metrics = tag(snapshot(), Role.HOST.value, "host")
         for p in self.peers.values():
@@ -675,6 +669,8 @@ class SessionHost:
             engine=self.engine_info(),
             draining=self.draining,
             metrics=tuple(metrics),
+            capacity=cap,
+            available=0 if self.draining else available,
         )
         for p in list(self.peers.values()):
             if p.role == Role.ADAPTER and p.ready:

@@ -34,7 +34,7 @@ from duplexd.bus.messages import (
     StageData,
     StageError,
 )
-from duplexd.bus.metrics import STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
+from duplexd.bus.metrics import QUEUE_DEPTH, STAGE_ERRORS, STEP_BATCH, STEP_SECONDS
 
 _log = get_logger(__name__)
 
@@ -67,6 +67,7 @@ class Stage0Worker(StageWorker):
         self.idle_s = thinker.lockstep_idle_s
         self._arrivals: dict[str, deque[float]] = {}
         self._last_arrival: dict[str, float] = {}
+        QUEUE_DEPTH.labels(queue="stage0_input").set_function(lambda: sum(len(q) for q in self.queues.values()))
 
     def engine_info(self) -> EngineInfo:
         return self.thinker.info

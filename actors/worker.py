@@ -5,8 +5,10 @@ messages, then up to ``max_data`` data messages, then run one engine step. Contr
 therefore handled between any two model steps: a cancel never waits behind audio.
 
 The worker keeps the newest epoch it knows per session and drops older data (counted
-per hop). It says Hello, heartbeats the host, and re-handshakes if the host restarts
-(the rules of both: :mod:`duplexd.bus.liveness`).
+per hop). It says Hello and re-handshakes if the host restarts or goes silent (the rules:
+:mod:`duplexd.bus.liveness`). Its heartbeats come from a beacon thread
+(:mod:`duplexd.bus.beacon`), so a long model step does not make it look dead; the loop
+itself pings the watchdog (``WATCHDOG=1``) once per turn, so a stuck step is seen there.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import os
 import socket
 import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 
 from duplexd.bus.addresses import BusAddresses
-from duplexd.bus.liveness import Beat, HandshakeError, HostWatch
+from duplexd.bus.beacon import Beacon
+from duplexd.bus.liveness import HandshakeError, HostWatch, process_exited
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     PROTOCOL_VERSION,
@@ -28,22 +33,33 @@ from duplexd.bus.messages import (
     EngineInfo,
     EpochAdvance,
     Goodbye,
-    Heartbeat,
     Hello,
-    MetricSample,
     NoNewSessions,
     Ready,
     Role,
     SessionConfig,
+    Stage0Result,
     StageClose,
     StageData,
     StageError,
     StageOpen,
 )
-from duplexd.bus.metrics import BACKPRESSURE, BUS_BAD_FRAMES, BUS_MESSAGES, STALE_DROPPED, snapshot
-from duplexd.bus.sockets import CONTROL, DATA, Backpressure, Channel, connect_peer, handshake, peer_identity
+from duplexd.bus.metrics import BACKPRESSURE, BUS_BAD_FRAMES, BUS_MESSAGES, QUEUE_DEPTH, STALE_DROPPED, snapshot
+from duplexd.bus.sockets import (
+    CONTROL,
+    DATA,
+    Backpressure,
+    Channel,
+    PeerUnreachable,
+    QueueFull,
+    connect_peer,
+    handshake,
+    peer_identity,
+)
 
 _log = get_logger(__name__)
+
+_HELD_RETRY_MS = 5  # how soon held results are retried while the host's queue is full
 
 
 class WorkerOptions:
@@ -52,16 +68,18 @@ class WorkerOptions:
     def __init__(
         self,
         handshake_timeout_s: float = 30.0,
-        heartbeat_interval_s: float = 0.5,
-        heartbeat_timeout_s: float = 5.0,
+        heartbeat_interval_s: float = 0.1,
+        heartbeat_timeout_s: float = 0.75,
         metrics_interval_s: float = 2.0,
         max_data: int = 256,
+        max_sessions: int = 0,
     ) -> None:
         self.handshake_timeout_s = handshake_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.metrics_interval_s = metrics_interval_s
         self.max_data = max_data
+        self.max_sessions = max_sessions  # admission: sessions this process takes (0: no cap of its own)
 
 
 class StageWorker(abc.ABC):
@@ -83,8 +101,18 @@ class StageWorker(abc.ABC):
         self.stop_event = threading.Event()
         self.chan: Channel | None = None
         self.watch = self._new_watch()
+        # Results the host's full data queue refused, in order: the worker steps again only
+        # once they are out, so backpressure slows the stage instead of losing a result.
+        self.held: deque[StageData] = deque()
         self._bad_frames_seen = 0
         self.on_ready: Callable[[], object] | None = None
+        self.on_turn: Callable[[], object] | None = None  # once per loop turn (the watchdog ping)
+        self._instance = ""
+        self._hostname = socket.gethostname()
+        QUEUE_DEPTH.labels(queue="stage_held").set_function(lambda: len(self.held))
+        self.beacon = Beacon(
+            addrs, self.identity, self.opts.heartbeat_interval_s, self.opts.metrics_interval_s, snapshot
+        )
 
     def _new_watch(self) -> HostWatch:
         o = self.opts
@@ -124,14 +152,43 @@ class StageWorker(abc.ABC):
 
     # ------------------------------------------------------------------ helpers
     def send_data(self, msg: StageData) -> bool:
+        """Send, or hold it (in order) while the host's queue is full. False: the host is
+        not connected, the message is lost with the connection (the host fails the work)."""
         assert self.chan is not None
+        if self.held:
+            self.held.append(msg)
+            return True
         try:
             self.chan.send(DATA, msg)
             return True
-        except Backpressure as exc:
+        except QueueFull as exc:
             BACKPRESSURE.labels(hop=self.role.value).inc()
-            log(_log, logging.WARNING, "data queue to host full", error=str(exc))
+            log(_log, logging.WARNING, "data queue to host full; holding results", error=str(exc))
+            self.held.append(msg)
+            return True
+        except PeerUnreachable as exc:
+            log(_log, logging.WARNING, "host not connected; result dropped", error=str(exc))
             return False
+
+    def _send_held(self) -> None:
+        """Out with what the host's queue refused; stale output is dropped, not sent."""
+        assert self.chan is not None
+        while self.held:
+            msg = self.held[0]
+            sid = msg.session_id
+            stale = sid not in self.epochs or msg.epoch < self.epochs[sid]
+            if stale and not isinstance(msg, Stage0Result):  # (stage0 answers every chunk, whatever its epoch)
+                self.held.popleft()
+                STALE_DROPPED.labels(hop=self.role.value).inc()
+                continue
+            try:
+                self.chan.send(DATA, msg)
+            except QueueFull:
+                return
+            except PeerUnreachable:
+                self.held.clear()
+                return
+            self.held.popleft()
 
     def send_control(self, msg: ControlMessage) -> None:
         assert self.chan is not None
@@ -192,10 +249,6 @@ class StageWorker(abc.ABC):
             self.epochs[sid] = epoch
             self.advance_epoch(sid)
 
-    def _heartbeat(self, beat: Beat) -> None:
-        metrics: tuple[MetricSample, ...] = snapshot() if beat.with_metrics else ()
-        self.send_control(Heartbeat(beat.seq, self.identity, metrics=metrics))
-
     # ------------------------------------------------------------------ lifecycle
     def _hello(self) -> Hello:
         return Hello(
@@ -204,20 +257,26 @@ class StageWorker(abc.ABC):
             pid=os.getpid(),
             protocol_version=PROTOCOL_VERSION,
             engine=self.engine_info(),
-            hostname=socket.gethostname(),
+            hostname=self._hostname,
+            instance=self._instance,
+            max_sessions=self.opts.max_sessions,
         )
 
     def _connect(self) -> Ready:
         if self.chan is not None:
             self.chan.close(linger_ms=0)
         self.chan = connect_peer(self.addrs, self.identity)
-        ready = handshake(self.chan, self._hello(), self.opts.handshake_timeout_s, stopped=self.stop_event.is_set)
+        self._instance = uuid.uuid4().hex[:12]  # a new connection: the host must forget our old sessions
+        ready = handshake(
+            self.chan, self._hello(), self.opts.handshake_timeout_s, stopped=self.stop_event.is_set, tick=self.on_turn
+        )
         self.watch = self._new_watch()
         self.watch.connected(ready, time.monotonic())
         log(_log, logging.INFO, "ready", identity=self.identity)
         return ready
 
     def _reset_sessions(self) -> None:
+        self.held.clear()
         for sid in list(self.epochs):
             self.close_session(sid)
         self.epochs.clear()
@@ -226,6 +285,7 @@ class StageWorker(abc.ABC):
     def run(self) -> None:
         """Serve until ``stop_event`` is set. Re-handshakes when the host restarts."""
         self._connect()
+        self.beacon.start()
         if self.on_ready is not None:
             self.on_ready()
         try:
@@ -244,27 +304,33 @@ class StageWorker(abc.ABC):
         except BaseException as exc:
             # Tell the host we are dead (and why) before the process goes.
             log(_log, logging.ERROR, "worker failed", exc_info=True)
+            self.beacon.stop()
             self._shutdown(reason=f"{type(exc).__name__}: {exc}", fatal=True)
             raise
+        self.beacon.stop()
         self._shutdown()
 
     def _iterate(self) -> None:
         chan = self.chan
         assert chan is not None
-        now = time.monotonic()
-        silent = self.watch.silent(now)
-        if silent is not None:
-            raise _HostRestarted(silent)
-        if self.has_work():
+        if self.on_turn is not None:
+            self.on_turn()
+        if self.held:
+            timeout_ms = _HELD_RETRY_MS  # waiting for room in the host's queue
+        elif self.has_work():
             timeout_ms = 0
         else:
             due = self.next_due_s()
-            wait = self.watch.wait_s(now) if due is None else min(due, self.watch.wait_s(now))
+            wait = self.opts.heartbeat_interval_s if due is None else min(due, self.opts.heartbeat_interval_s)
             timeout_ms = max(0, int(wait * 1000))
         chan.poll(timeout_ms)
         for rc in chan.recv_batch(CONTROL):
             BUS_MESSAGES.labels(plane="control").inc()
             self._on_control(rc.msg)
+        # Judged after reading control: a long step must not make the host look silent.
+        dead = self.watch.dead(time.monotonic(), self._hostname, process_exited)
+        if dead is not None:
+            raise _HostRestarted(dead)
         for rd in chan.recv_batch(DATA, self.opts.max_data):
             BUS_MESSAGES.labels(plane="data").inc()
             msg = rd.msg
@@ -274,11 +340,10 @@ class StageWorker(abc.ABC):
             BUS_BAD_FRAMES.inc(chan.bad_frames.count - self._bad_frames_seen)
             log(_log, logging.WARNING, "undecodable bus message", error=chan.bad_frames.last)
             self._bad_frames_seen = chan.bad_frames.count
-        if self.has_work():
+        if self.held:
+            self._send_held()
+        if not self.held and self.has_work():
             self.step()
-        beat = self.watch.heartbeat_due(time.monotonic())
-        if beat is not None:
-            self._heartbeat(beat)
 
     def _shutdown(self, reason: str = "shutdown", fatal: bool = False) -> None:
         if self.chan is None:

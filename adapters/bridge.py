@@ -58,7 +58,7 @@ from duplexd.adapters.validation import (
 )
 from duplexd.bus.audio_format import OUTPUT_RATE
 from duplexd.bus.log import get_logger, log
-from duplexd.bus.messages import AdapterEvent, SessionConfig, SessionOpened, TurnMode
+from duplexd.bus.messages import AdapterEvent, SessionClosed, SessionConfig, SessionOpened, TurnMode
 
 _log = get_logger(__name__)
 
@@ -108,6 +108,12 @@ class BridgeServer(WebsocketServer):
         self._idle.set()
 
     # ------------------------------------------------------------------ HTTP
+    def at_capacity(self) -> bool:
+        """Admission would refuse a new session: the server's sessions (on any endpoint)
+        fill what its stages take."""
+        status = self.link.status
+        return status is not None and status.available == 0
+
     def worker_status(self) -> str:
         if self.active is not None:
             return WorkerStatus.DUPLEX_PAUSED if self.active.paused else WorkerStatus.DUPLEX_ACTIVE
@@ -115,6 +121,10 @@ class BridgeServer(WebsocketServer):
             return WorkerStatus.ERROR
         if not self.link.ready():
             return WorkerStatus.LOADING
+        if self.at_capacity():
+            # Busy with other sessions: the gateway must not hand us one. The demo's statuses
+            # have no "busy" of their own; duplex_active is the one every gateway skips.
+            return WorkerStatus.DUPLEX_ACTIVE
         return WorkerStatus.IDLE
 
     def health(self) -> JSONObject:
@@ -131,6 +141,7 @@ class BridgeServer(WebsocketServer):
             "avg_inference_time_ms": round(avg, 3),
             "kv_cache_length": 0,
             "engine": self.link.engine.name if self.link.engine else None,
+            "at_capacity": self.at_capacity(),
         }
 
     def http(self, path: str, request: Request) -> Response | None:
@@ -149,6 +160,9 @@ class BridgeServer(WebsocketServer):
                     await self._idle.wait()
         if self.active is not None:
             await handler.ws.close(1013, f"Worker busy: {self.worker_status()}")
+            return
+        if self.at_capacity():
+            await handler.ws.close(1013, "Worker busy: the server is at capacity")
             return
         self.active = handler
         self._idle.clear()
@@ -177,6 +191,7 @@ class DemoHandler(ProtocolHandler):
         self.display_id = f"{stamp}_{self.client_sid}" if self.client_sid else f"{stamp}_duplex"
         self.paused = False
         self._opened = asyncio.Event()
+        self._open_refused = False
         self._in_rate = 16000
         self._samples_in = 0  # engine-rate samples pushed this session
         self._next_index = 0
@@ -289,6 +304,8 @@ class DemoHandler(ProtocolHandler):
         except TimeoutError as exc:
             await self.close_session("open timed out")
             raise SessionUnavailable("the session host did not open the session in time") from exc
+        if self._open_refused:
+            return  # admission said no: the error is out, the socket is closing
         log(_log, logging.INFO, "demo duplex prepared", session_id=sid, force_listen=flc, chunk_ms=chunk_ms)
         await self.send_json({"type": "prepared", "prompt_length": len(prompt), "session_id": self.display_id})
 
@@ -367,6 +384,9 @@ class DemoHandler(ProtocolHandler):
     # ------------------------------------------------------------------ session events
     async def on_event(self, msg: AdapterEvent) -> None:
         if isinstance(msg, SessionOpened):
+            self._opened.set()
+        elif isinstance(msg, SessionClosed) and not self._opened.is_set():
+            self._open_refused = True  # (its error went out; the socket closes next, 1013)
             self._opened.set()
         self.pacer.on_event(msg)
 

@@ -5,6 +5,14 @@ its command methods and receives session events, in order, through an async hand
 by the link's writer task. The link is the adapter's egress fence: an event's epoch is
 checked when it is *dequeued*, so audio that was queued for a slow client before a
 barge-in is dropped, never sent (and counted).
+
+The egress queue is bounded (:class:`EgressLimits`): a client that does not read its events
+(more than ``max_audio_ms`` of assistant audio or ``max_events`` events waiting) is cut: the
+queue is dropped, the handler is told (it sends a ``client_too_slow`` error and closes the
+socket with 1008, aborting it if even the close frame cannot leave) and the host closes the
+session. When the session host is lost, every session gets an error, the terminal
+``response.done`` (failed) of its active response, and a close (1011) with the reason
+(:meth:`SessionLink.abort`).
 """
 
 from __future__ import annotations
@@ -15,12 +23,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from duplexd.bus.addresses import BusAddresses
-from duplexd.bus.liveness import HandshakeError, HostWatch
+from duplexd.bus.audio_format import OUTPUT_RATE
+from duplexd.bus.beacon import Beacon
+from duplexd.bus.liveness import HandshakeError, HostWatch, process_exited
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     PROTOCOL_VERSION,
@@ -28,13 +41,13 @@ from duplexd.bus.messages import (
     AudioIn,
     AudioOut,
     ClientCommand,
+    CloseCause,
     ClusterStatus,
     ControlMessage,
     EngineInfo,
     EpochAdvance,
     ErrorEvent,
     Goodbye,
-    Heartbeat,
     Hello,
     InputClear,
     InputCommit,
@@ -44,13 +57,15 @@ from duplexd.bus.messages import (
     ItemRetrieve,
     ItemTruncate,
     Message,
-    MetricSample,
     Plane,
     PlaybackAck,
     ResponseCancel,
     ResponseCreate,
+    ResponseCreated,
     ResponseDone,
+    ResponseInfo,
     ResponseOptions,
+    ResponseStatus,
     Role,
     SessionClose,
     SessionClosed,
@@ -60,7 +75,7 @@ from duplexd.bus.messages import (
     SessionUpdate,
     SnapshotRequest,
 )
-from duplexd.bus.metrics import BACKPRESSURE, BUS_BAD_FRAMES, STALE_DROPPED, snapshot
+from duplexd.bus.metrics import BACKPRESSURE, BUS_BAD_FRAMES, QUEUE_DEPTH, SLOW_CLIENTS, STALE_DROPPED, snapshot
 from duplexd.bus.sockets import (
     CONTROL,
     DATA,
@@ -75,16 +90,32 @@ from duplexd.bus.sockets import (
 _log = get_logger(__name__)
 
 EventHandler = Callable[[AdapterEvent], Awaitable[None]]
+SlowHandler = Callable[[str], Coroutine[Any, Any, None]]
 
 
 class SessionUnavailable(Exception):
     """The session cannot be opened (host down, stages not ready, server draining)."""
 
 
+@dataclass(frozen=True, slots=True)
+class EgressLimits:
+    """What may wait for one client before it counts as not reading (``[server]`` config)."""
+
+    max_audio_ms: float = 5000.0
+    max_events: int = 2000
+
+
 class SessionLink:
     """One session, seen from a protocol handler."""
 
-    def __init__(self, link: HostLink, session_id: str, handler: EventHandler, max_queue: int) -> None:
+    def __init__(
+        self,
+        link: HostLink,
+        session_id: str,
+        handler: EventHandler,
+        limits: EgressLimits,
+        on_slow: SlowHandler | None = None,
+    ) -> None:
         self.link = link
         self.session_id = session_id
         self.epoch = 0
@@ -93,11 +124,18 @@ class SessionLink:
         self.closed = False
         self.engine: EngineInfo | None = None
         self._handler = handler
+        self._on_slow = on_slow
         self._queue: asyncio.Queue[AdapterEvent] = asyncio.Queue()
-        self._max_queue = max_queue
+        self.limits = limits
+        self.queued_audio_ms = 0.0  # assistant audio in the queue
+        self.active: ResponseInfo | None = None  # the response in progress, as queued for the client
         self._done_responses: set[str] = set()
         self.dropped_stale = 0
         self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name=f"egress-{session_id}")
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
 
     # ------------------------------------------------------------------ commands
     def _next_seq(self) -> int:
@@ -107,7 +145,12 @@ class SessionLink:
     def _data(self, msg: ClientCommand) -> None:
         if self.closed:
             raise SessionUnavailable("session is closed")
-        self.link.send(DATA, msg)
+        try:
+            self.link.send(DATA, msg)
+        except (Backpressure, SessionUnavailable):
+            # It never left: its seq is not spent (a cancel fences on seqs the host will see).
+            self.seq -= 1
+            raise
 
     def audio(self, pcm: np.ndarray, force: bool = False) -> None:
         """Native-rate float32 audio."""
@@ -180,24 +223,74 @@ class SessionLink:
 
     def deliver(self, msg: SessionEvent) -> None:
         """Called by the HostLink loop, in bus order; never blocks."""
+        if self._ended:
+            return  # ended on this side (abort, or cut for not reading): nothing more is queued
         self.advance(msg.epoch)  # a newer epoch seen on data first is adopted at once
-        if isinstance(msg, AudioOut) and self._stale(msg):
-            return
-        if self._queue.qsize() >= self._max_queue:
-            # The client is not reading: fail loudly rather than buffer without bound.
-            self.closed = True
-            self._queue.put_nowait(
-                ErrorEvent(
-                    self.session_id,
-                    self.epoch,
-                    "client_too_slow",
-                    "the client is not reading its events",
-                    type="server_error",
-                    fatal=True,
-                )
-            )
-            return
+        if isinstance(msg, AudioOut):
+            if self._stale(msg):
+                return
+            self.queued_audio_ms += _audio_ms(msg)
+        elif isinstance(msg, ResponseCreated):
+            self.active = msg.response
+        elif isinstance(msg, ResponseDone) and self.active is not None and self.active.id == msg.response.id:
+            self.active = None
         self._queue.put_nowait(msg)
+        if self.queued_audio_ms > self.limits.max_audio_ms or self._queue.qsize() > self.limits.max_events:
+            self._cut_slow()
+
+    _ended = False
+
+    def _cut_slow(self) -> None:
+        """The client does not read: drop what waits for it (bounded memory), tell the
+        host, and let the handler say why and close the socket."""
+        reason = (
+            f"the client is not reading its events ({self.queued_audio_ms / 1000:.1f} s of audio, "
+            f"{self._queue.qsize()} events waiting)"
+        )
+        self._ended = True
+        SLOW_CLIENTS.inc()
+        log(_log, logging.WARNING, "client too slow", session_id=self.session_id, epoch=self.epoch, error=reason)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self.queued_audio_ms = 0.0
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Backpressure, SessionUnavailable):
+                self.link.send(CONTROL, SessionClose(self.session_id, self.epoch, "client too slow"))
+        self._writer.cancel()  # it may be blocked sending to the client
+        if self._on_slow is not None:
+            asyncio.get_running_loop().create_task(self._on_slow(reason), name=f"slow-{self.session_id}")
+
+    def abort(self, code: str, message: str, cause: CloseCause = CloseCause.FAILED, tell_host: bool = False) -> None:
+        """End the session from the adapter's side (the host is gone, or a shutdown cannot
+        wait): an error naming the active response, that response's terminal
+        ``response.done`` (failed), then the close. ``tell_host``: the host closes it too."""
+        if self.closed and self.active is None:
+            return
+        if tell_host and not self.closed:
+            with contextlib.suppress(Backpressure, SessionUnavailable):
+                self.link.send(CONTROL, SessionClose(self.session_id, self.epoch, message))
+        r = self.active
+        self.deliver(
+            ErrorEvent(
+                self.session_id, self.epoch, code, message, type="server_error", response_id=r.id if r else ""
+            )
+        )
+        if r is not None:
+            info = ResponseInfo(
+                id=r.id,
+                status=ResponseStatus.FAILED,
+                reason="error",
+                error_code=code,
+                error_message=message,
+                modalities=r.modalities,
+                metadata=r.metadata,
+                conversation=r.conversation,
+            )
+            self.deliver(ResponseDone(self.session_id, self.epoch, info))
+        self.deliver(SessionClosed(self.session_id, self.epoch, message, cause=cause))
+        self.closed = True
+        self._ended = True  # what the host still sends for it would contradict the above
 
     def _stale(self, msg: AudioOut) -> bool:
         if msg.epoch < self.epoch or msg.response_id in self._done_responses:
@@ -210,6 +303,7 @@ class SessionLink:
         while True:
             msg = await self._queue.get()
             if isinstance(msg, AudioOut):
+                self.queued_audio_ms = max(0.0, self.queued_audio_ms - _audio_ms(msg))
                 if self._stale(msg):
                     continue
             elif isinstance(msg, ResponseDone):
@@ -233,6 +327,10 @@ class SessionLink:
                 self.closed = True
 
 
+def _audio_ms(msg: AudioOut) -> float:
+    return float(np.asarray(msg.pcm).size) * 1000.0 / OUTPUT_RATE
+
+
 class HostLink:
     """The adapter process's connection to the session host."""
 
@@ -240,10 +338,10 @@ class HostLink:
         self,
         addrs: BusAddresses,
         handshake_timeout_s: float = 30.0,
-        heartbeat_interval_s: float = 0.5,
-        heartbeat_timeout_s: float = 5.0,
+        heartbeat_interval_s: float = 0.1,
+        heartbeat_timeout_s: float = 0.75,
         metrics_interval_s: float = 2.0,
-        max_session_queue: int = 20000,
+        egress: EgressLimits | None = None,
     ) -> None:
         self.addrs = addrs
         self.identity = peer_identity(Role.ADAPTER.value)
@@ -251,7 +349,7 @@ class HostLink:
         self.hb_interval = heartbeat_interval_s
         self.hb_timeout = heartbeat_timeout_s
         self.metrics_interval = metrics_interval_s
-        self.max_session_queue = max_session_queue
+        self.egress = egress or EgressLimits()
         self.status: ClusterStatus | None = None
         self.connected = False
         self.sessions: dict[str, SessionLink] = {}
@@ -261,6 +359,16 @@ class HostLink:
         self._task: asyncio.Task[None] | None = None
         self._connected_event = asyncio.Event()
         self._bad_seen = 0
+        self._hostname = socket.gethostname()
+        self._instance = ""
+        # Heartbeats from a thread: a busy event loop (hundreds of sockets) is not a dead adapter.
+        self.beacon = Beacon(addrs, self.identity, heartbeat_interval_s, metrics_interval_s, snapshot)
+        self._control_read_at = 0.0
+        self.on_turn: Callable[[], object] | None = None  # once per loop turn (the watchdog ping)
+        QUEUE_DEPTH.labels(queue="adapter_egress").set_function(self._egress_depth)
+
+    def _egress_depth(self) -> float:
+        return float(sum(s.queued for s in list(self.sessions.values())))
 
     @property
     def engine(self) -> EngineInfo | None:
@@ -283,6 +391,7 @@ class HostLink:
     async def stop(self) -> None:
         for s in list(self.sessions.values()):
             await s.close("adapter shutting down")
+        await asyncio.to_thread(self.beacon.stop)
         if self._chan is not None:
             with contextlib.suppress(Exception):
                 self._chan.send(CONTROL, Goodbye(self.identity, reason="shutdown"))
@@ -301,10 +410,12 @@ class HostLink:
             self._chan = None
 
     # ------------------------------------------------------------------ sessions
-    def open(self, session_id: str, config: SessionConfig, handler: EventHandler) -> SessionLink:
+    def open(
+        self, session_id: str, config: SessionConfig, handler: EventHandler, on_slow: SlowHandler | None = None
+    ) -> SessionLink:
         if not self.ready():
             raise SessionUnavailable("the server is not ready (model stages starting, restarting or draining)")
-        link = SessionLink(self, session_id, handler, self.max_session_queue)
+        link = SessionLink(self, session_id, handler, self.egress, on_slow)
         link.engine = self.engine
         self.sessions[session_id] = link
         try:
@@ -330,20 +441,27 @@ class HostLink:
 
     # ------------------------------------------------------------------ loop
     def _hello(self) -> Hello:
-        return Hello(Role.ADAPTER, self.identity, os.getpid(), PROTOCOL_VERSION, hostname=socket.gethostname())
+        return Hello(
+            Role.ADAPTER, self.identity, os.getpid(), PROTOCOL_VERSION, hostname=self._hostname, instance=self._instance
+        )
 
     async def _connect(self) -> None:
         self._teardown()
         self._chan = connect_peer(self.addrs, self.identity)
         self._waiter = AsyncWaiter(self._chan)
+        self._instance = uuid.uuid4().hex[:12]  # a new connection: the host forgets our old sessions
         while True:
             try:
-                ready = await handshake_async(self._chan, self._waiter, self._hello(), self.handshake_timeout_s)
+                ready = await handshake_async(
+                    self._chan, self._waiter, self._hello(), self.handshake_timeout_s, tick=self.on_turn
+                )
                 break
             except HandshakeError as exc:
                 log(_log, logging.WARNING, "waiting for the session host", error=str(exc))
         self.watch = HostWatch(self.hb_interval, self.hb_timeout, self.metrics_interval)
         self.watch.connected(ready, time.monotonic())
+        self._control_read_at = time.monotonic()
+        self.beacon.start()  # (once: it outlives reconnections)
         self.connected = True
         self._connected_event.set()
         log(_log, logging.INFO, "connected to session host", instance=ready.host_instance)
@@ -352,11 +470,14 @@ class HostLink:
         await self._connect()
         while True:
             assert self._chan is not None and self._waiter is not None
-            await self._waiter.wait(self.watch.wait_s(time.monotonic()))
+            await self._waiter.wait(self.hb_interval)
+            if self.on_turn is not None:
+                self.on_turn()
             now = time.monotonic()
             try:
                 for rc in self._chan.recv_batch(CONTROL):
                     self._on_control(rc.msg, now)
+                self._control_read_at = now
                 for rd in self._chan.recv_batch(DATA, 1024):
                     msg = rd.msg
                     if isinstance(msg, SessionEvent):
@@ -375,16 +496,11 @@ class HostLink:
             if self._chan.bad_frames.count != self._bad_seen:
                 BUS_BAD_FRAMES.inc(self._chan.bad_frames.count - self._bad_seen)
                 self._bad_seen = self._chan.bad_frames.count
-            silent = self.watch.silent(now)
-            if silent is not None:
-                self._host_lost(silent)
+            dead = self.watch.dead(self._control_read_at, self._hostname, process_exited)
+            if dead is not None:
+                self._host_lost(dead)
                 await self._connect()
                 continue
-            beat = self.watch.heartbeat_due(now)
-            if beat is not None:
-                metrics: tuple[MetricSample, ...] = snapshot() if beat.with_metrics else ()
-                with contextlib.suppress(Backpressure):
-                    self._chan.send(CONTROL, Heartbeat(beat.seq, self.identity, metrics=metrics))
 
     def _on_control(self, msg: ControlMessage, now: float) -> None:
         gone = self.watch.on_control(msg, now)
@@ -406,18 +522,7 @@ class HostLink:
         self.status = None
         self._connected_event.clear()
         for s in list(self.sessions.values()):
-            s.deliver(
-                ErrorEvent(
-                    s.session_id,
-                    s.epoch,
-                    "server_unavailable",
-                    f"{reason}; the session ended",
-                    type="server_error",
-                    fatal=True,
-                )
-            )
-            s.deliver(SessionClosed(s.session_id, s.epoch, reason))
-            s.closed = True
+            s.abort("server_unavailable", f"{reason}; the session ended")
         self.sessions.clear()
 
 

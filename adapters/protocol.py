@@ -30,6 +30,7 @@ from duplexd.adapters.validation import ClientError
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
     AdapterEvent,
+    CloseCause,
     ErrorEvent,
     IdleTimeout,
     InputCleared,
@@ -53,6 +54,17 @@ JSONObject = dict[str, Any]
 # the command they caused can still name the event type in the log. Never shown to clients.
 AUTO_EVENT_PREFIX = "duplexd_auto_"
 _EVENT_TYPES_KEPT = 256
+
+# The websocket close code for each way a session ends (RFC 6455 section 7.4.1).
+CLOSE_CODES: dict[CloseCause, int] = {
+    CloseCause.NORMAL: 1000,
+    CloseCause.REFUSED: 1013,  # try again later
+    CloseCause.FAILED: 1011,
+    CloseCause.SLOW_CLIENT: 1008,
+    CloseCause.SHUTDOWN: 1001,
+}
+CLOSE_TIMEOUT_S = 2.0  # a close frame that cannot leave in this long: the connection is aborted
+SLOW_NOTICE_S = 5.0  # how long a client cut for not reading has to read why (client_too_slow)
 
 
 class Listener(Protocol):
@@ -130,7 +142,7 @@ class ProtocolHandler(abc.ABC):
 
     def open_session(self, session_id: str, config: SessionConfig) -> SessionLink:
         """Open (or re-open) the session on the host; raises :class:`SessionUnavailable`."""
-        self.session = self.server.link.open(session_id, config, self._on_bus_event)
+        self.session = self.server.link.open(session_id, config, self._on_bus_event, self._on_slow_client)
         return self.session
 
     async def close_session(self, reason: str) -> None:
@@ -145,8 +157,7 @@ class ProtocolHandler(abc.ABC):
                 try:
                     self.open_session(self.session_id(), self.config)
                 except SessionUnavailable as exc:
-                    await self.send_error("server_unavailable", str(exc), "server_error")
-                    await self.ws.close(1013, "server not ready")
+                    await self.refuse("server_unavailable", str(exc), "server not ready")
                     return
             await self.on_open()
             async for frame in self.ws:
@@ -243,9 +254,41 @@ class ProtocolHandler(abc.ABC):
                 await self.on_event(msg)
             if isinstance(msg, SessionClosed) or (isinstance(msg, ErrorEvent) and msg.fatal):
                 self._closing = True
-                await self.ws.close(1011 if isinstance(msg, ErrorEvent) else 1000, msg_reason(msg))
+                code = CLOSE_CODES[msg.cause] if isinstance(msg, SessionClosed) else 1011
+                await self.close_ws(code, msg_reason(msg))
         except ConnectionClosed:
             pass
+
+    async def refuse(self, code: str, message: str, close_reason: str = "") -> None:
+        """Not now: one error event, then close 1013 ("try again later")."""
+        self._closing = True
+        await self.send_error(code, message, "server_error")
+        await self.close_ws(CLOSE_CODES[CloseCause.REFUSED], (close_reason or message)[:120])
+
+    async def _on_slow_client(self, reason: str) -> None:
+        """The session link cut this client for not reading: say why, if it still can be
+        said, and close with 1008 (aborted when even that cannot leave)."""
+        self._closing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SLOW_NOTICE_S):
+                await self.send_error("client_too_slow", reason, "server_error")
+        await self.close_ws(CLOSE_CODES[CloseCause.SLOW_CLIENT], "client not reading its events")
+
+    async def close_ws(self, code: int, reason: str) -> None:
+        """Close with a reason; a peer that does not read gets its TCP connection aborted
+        instead of holding the close (and the memory behind it) open."""
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            log(_log, logging.INFO, "close frame could not leave; aborting the connection", endpoint=self.endpoint)
+            self.ws.transport.abort()
+
+    def end_session(self, code: str, message: str) -> None:
+        """End the session from the adapter's side (a shutdown that cannot wait): error,
+        the active response's terminal event, close 1001; the host is told to close it."""
+        if self.session is not None:
+            self.session.abort(code, message, CloseCause.SHUTDOWN, tell_host=True)
 
     def busy(self) -> bool:
         """A response is in flight (a graceful shutdown waits for it)."""

@@ -34,7 +34,7 @@ from websockets.http11 import Request, Response
 
 from duplexd.adapters.http import WEB_DIR, json_response, metrics_response, static_response
 from duplexd.adapters.native import NativeHandler
-from duplexd.adapters.protocol import HandlerFactory, ProtocolHandler
+from duplexd.adapters.protocol import CLOSE_TIMEOUT_S, HandlerFactory, ProtocolHandler
 from duplexd.adapters.realtime import RealtimeHandler
 from duplexd.adapters.sharded_link import AnyLink
 from duplexd.bus.log import get_logger, log
@@ -56,11 +56,33 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api_keys: list[str] = []
     api_key_file: str = ""
     allow_insecure_bind: bool = False  # serve a non-loopback address without API keys
-    max_message_bytes: int = 64 * 1024 * 1024  # websocket frame limit (larger closes with 1009)
+    max_message_bytes: int = 0  # websocket frame limit (larger closes with 1009); 0 = what max_audio_bytes needs
     max_audio_bytes: int = 15 * 1024 * 1024  # one append's decoded audio (larger: error event)
     drain_timeout_s: float = 10.0
+    ping_interval_s: float = 10.0  # websocket keepalive ping; a peer silent ping_timeout_s after it is cut
+    ping_timeout_s: float = 10.0  # (a half-open TCP connection is found within interval + timeout)
+    slow_client_audio_ms: int = 5000  # a client with this much assistant audio waiting unread is cut (1008)
+    slow_client_events: int = 2000  # ... or this many events
     bridge_port: int = 0  # MiniCPM-o demo bridge port (0: off)
     web_dir: str = ""  # override the bundled browser demo
+
+
+# Above the largest append: its JSON, and room for an append a little too large to still get
+# the audio_too_large error event (a frame above the limit can only close the socket, 1009).
+_FRAME_SLACK = 1024 * 1024
+# The kernel's send buffer per client connection, fixed (no autotuning to megabytes): what a
+# client that stops reading can leave unread there stays small (Linux doubles it: ~4 s of
+# base64 pcm16 at 24 kHz), so the slow-client bound in the adapter sees it soon.
+CLIENT_SNDBUF = 128 * 1024
+
+
+def frame_limit(settings: ServerSettings) -> int:
+    """The websocket frame limit: ``max_message_bytes``, or (0) about what the largest
+    acceptable append needs: ``max_audio_bytes`` as base64 plus 1 MiB. A bigger frame could
+    only be refused after the server had read (and paid memory for) all of it."""
+    if settings.max_message_bytes > 0:
+        return settings.max_message_bytes
+    return -(-settings.max_audio_bytes // 3) * 4 + _FRAME_SLACK
 
 
 def is_loopback(host: str) -> bool:
@@ -71,7 +93,8 @@ def load_api_keys(settings: ServerSettings) -> list[str]:
     keys = [k for k in settings.api_keys if k]
     if settings.api_key_file:
         text = Path(settings.api_key_file).read_text()
-        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        # A comment may be indented: strip first, then look for '#'.
+        keys += [k for k in (line.strip() for line in text.splitlines()) if k and not k.startswith("#")]
     return keys
 
 
@@ -117,11 +140,11 @@ async def serve_ws(
         port,
         process_request=process_request,
         select_subprotocol=select_subprotocol,
-        max_size=settings.max_message_bytes,
+        max_size=frame_limit(settings),
         max_queue=64,
         compression=None,  # audio does not deflate; compression only adds latency
-        ping_interval=20,
-        ping_timeout=20,
+        ping_interval=settings.ping_interval_s or None,
+        ping_timeout=settings.ping_timeout_s or None,
     )
 
 
@@ -184,6 +207,10 @@ class WebsocketServer:
         if factory is None:  # pragma: no cover - process_request filtered it
             await conn.close(1008, "no such endpoint")
             return
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF)
         handler = factory(conn, self)
         self.handlers.add(handler)
         try:
@@ -212,9 +239,17 @@ class WebsocketServer:
         deadline = loop.time() + timeout_s
         while any(h.busy() for h in self.handlers) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # responses end through the bus; poll the handlers' state
+        # Out of time: every response still running ends now, visibly: an error, its
+        # terminal response.done (failed) and the close (1001), in that order.
+        cut = [h for h in self.handlers if h.busy()]
+        for h in cut:
+            h.end_session("server_shutting_down", "the server is shutting down; the response was cut")
+        end = loop.time() + CLOSE_TIMEOUT_S
+        while any(h.busy() for h in cut) and loop.time() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # the terminal events leave through each session's writer
         for h in list(self.handlers):
             with contextlib.suppress(Exception):
-                await h.ws.close(1001, "server shutting down")
+                await h.close_ws(1001, "server shutting down")
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -261,6 +296,9 @@ class AdapterServer(WebsocketServer):
             "protocol_version": PROTOCOL_VERSION,
             "roles": roles,
             "sessions": status.sessions if status else 0,
+            # Admission: sessions the ready stages take in all, and how many more now (-1: no limit).
+            "capacity": status.capacity if status else 0,
+            "available": status.available if status else 0,
             "engine": full_builtins(engine) if engine else None,
             "warnings": warnings,
         }

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
-from duplexd.adapters.link import EventHandler, HostLink, SessionLink, SessionUnavailable
+from duplexd.adapters.link import EgressLimits, EventHandler, HostLink, SessionLink, SessionUnavailable
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.messages import ClusterStatus, EngineInfo, MetricSample, Role, RoleStatus, SessionConfig
 from duplexd.bus.shards import owner
@@ -30,12 +31,25 @@ class ShardedLink:
         hosts: list[BusAddresses],
         handshake_timeout_s: float = 30.0,
         heartbeat_interval_s: float = 0.5,
-        heartbeat_timeout_s: float = 5.0,
+        heartbeat_timeout_s: float = 0.75,
+        egress: EgressLimits | None = None,
     ) -> None:
         self.hosts = hosts
         self.names = [a.control for a in hosts]  # what every adapter hashes: the same list everywhere
-        self.links = [HostLink(a, handshake_timeout_s, heartbeat_interval_s, heartbeat_timeout_s) for a in hosts]
+        self.links = [
+            HostLink(a, handshake_timeout_s, heartbeat_interval_s, heartbeat_timeout_s, egress=egress) for a in hosts
+        ]
         self.identity = self.links[0].identity
+
+    @property
+    def on_turn(self) -> Callable[[], object] | None:
+        return self.links[0].on_turn
+
+    @on_turn.setter
+    def on_turn(self, ping: Callable[[], object] | None) -> None:
+        # Every link's loop pings the watchdog: a stuck one is seen even while others turn.
+        for link in self.links:
+            link.on_turn = ping
 
     # ------------------------------------------------------------------ what a HostLink offers
     @property

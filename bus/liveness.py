@@ -6,6 +6,17 @@ plane; a peer silent for the heartbeat timeout is dead, and so is a process that
 on this machine (known at once, no need to wait). Hello, Ready and Heartbeat carry the
 bus protocol version: mismatched processes refuse to talk.
 
+A peer's heartbeats come from a *beacon* (bus/beacon.py): a thread with a socket of its
+own, identity ``<peer identity>/beat``, so a model step that legitimately runs for seconds
+does not silence the process, while a stopped or frozen process (SIGSTOP, swapped out, a
+dead machine) goes quiet at once and is declared dead after the timeout (default 0.75 s).
+A loop that is stuck while its process lives is the watchdog's business (sd_notify
+``WATCHDOG=1`` from the main loop), not this module's.
+
+Silence is judged from the observer's side too: a host (or peer) that was itself stalled
+judges by the time it last read its control queue, not by the wall clock, so its own stall
+is never blamed on the peers whose heartbeats wait unread in its queue.
+
 Nothing here touches a socket or a clock: callers pass ``now`` (monotonic seconds) and
 the messages they received, and do the sending the answers ask for. The host drives a
 :class:`PeerBook`; the stage workers (a plain blocking loop) and the adapter's host link
@@ -16,6 +27,7 @@ styles share one set of rules.
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +44,8 @@ from duplexd.bus.messages import (
     Role,
 )
 
+BEACON_SUFFIX = "/beat"  # identity suffix of a peer's heartbeat thread (bus/beacon.py)
+
 CONTROL_PLANE = "control"
 DATA_PLANE = "data"
 BOTH_PLANES = frozenset({CONTROL_PLANE, DATA_PLANE})
@@ -39,6 +53,28 @@ BOTH_PLANES = frozenset({CONTROL_PLANE, DATA_PLANE})
 
 class HandshakeError(Exception):
     """The host did not answer Hello in time, or refused us."""
+
+
+def beacon_identity(identity: str) -> str:
+    """The socket identity of ``identity``'s heartbeat thread."""
+    return identity + BEACON_SUFFIX
+
+
+def beacon_owner(routing_id: bytes) -> bytes | None:
+    """The peer whose beacon ``routing_id`` is, or None for a peer's own socket."""
+    suffix = BEACON_SUFFIX.encode()
+    return routing_id[: -len(suffix)] if routing_id.endswith(suffix) else None
+
+
+def process_exited(pid: int) -> bool:
+    """Whether process ``pid`` on this machine is gone (signal 0 probes it, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, owned by someone else
+    return False
 
 
 def version_refusal(version: int) -> str | None:
@@ -94,7 +130,7 @@ class Beat:
     with_metrics: bool
 
 
-class _Schedule:
+class BeatSchedule:
     """Heartbeats every ``interval_s``; metrics on one every ``metrics_interval_s``."""
 
     def __init__(self, interval_s: float, metrics_interval_s: float) -> None:
@@ -124,12 +160,16 @@ class HostWatch:
 
     def __init__(self, heartbeat_interval_s: float, heartbeat_timeout_s: float, metrics_interval_s: float) -> None:
         self.timeout_s = heartbeat_timeout_s
-        self._beats = _Schedule(heartbeat_interval_s, metrics_interval_s)
+        self._beats = BeatSchedule(heartbeat_interval_s, metrics_interval_s)
         self.host_instance = ""
+        self.host_pid = 0
+        self.host_hostname = ""
         self._last_heard = 0.0
 
     def connected(self, ready: Ready, now: float) -> None:
         self.host_instance = ready.host_instance
+        self.host_pid = ready.pid
+        self.host_hostname = ready.hostname
         self._last_heard = now
 
     def on_control(self, msg: ControlMessage, now: float) -> str | None:
@@ -149,10 +189,18 @@ class HostWatch:
         return None
 
     def silent(self, now: float) -> str | None:
-        """Why the host counts as dead for silence, or None."""
+        """Why the host counts as dead for silence, or None. ``now``: when the caller last
+        read its control queue (see the module docstring)."""
         if now - self._last_heard > self.timeout_s:
             return "the session host stopped answering"
         return None
+
+    def dead(self, now: float, local_host: str, process_exited: Callable[[int], bool]) -> str | None:
+        """Why the host counts as dead: its process exited (same machine: known at once),
+        or it was silent past the timeout; None while it lives."""
+        if self.host_pid and self.host_hostname == local_host and process_exited(self.host_pid):
+            return "the session host process exited"
+        return self.silent(now)
 
     def heartbeat_due(self, now: float) -> Beat | None:
         return self._beats.due(now)
@@ -179,6 +227,7 @@ class PeerLife:
     role: Role
     pid: int
     hostname: str
+    instance: str = ""  # the connection (Hello.instance); another one: the peer forgot its sessions
     planes: set[str] = field(default_factory=set)
     ready: bool = False
     last_seen: float = 0.0
@@ -199,7 +248,7 @@ class PeerBook:
         self, heartbeat_interval_s: float, heartbeat_timeout_s: float, metrics_interval_s: float = 2.0
     ) -> None:
         self.timeout_s = heartbeat_timeout_s
-        self._beats = _Schedule(heartbeat_interval_s, metrics_interval_s)
+        self._beats = BeatSchedule(heartbeat_interval_s, metrics_interval_s)
         self.peers: dict[bytes, PeerLife] = {}
 
     def hello(self, identity: bytes, hello: Hello, plane: str, now: float) -> HelloOutcome:
@@ -208,9 +257,11 @@ class PeerBook:
             return HelloOutcome(HelloVerdict.REFUSED, None, reason=refusal)
         peer = self.peers.get(identity)
         replaced = None
-        if peer is None or peer.pid != hello.pid:
-            replaced = peer  # a new process took over the identity (a restart)
-            peer = self.peers[identity] = PeerLife(identity, hello.role, hello.pid, hello.hostname)
+        if peer is None or peer.pid != hello.pid or peer.instance != hello.instance:
+            # A new process took over the identity (a restart), or the same one reconnected
+            # after it gave us up for dead: either way it holds none of our sessions.
+            replaced = peer
+            peer = self.peers[identity] = PeerLife(identity, hello.role, hello.pid, hello.hostname, hello.instance)
         peer.planes.add(plane)
         peer.last_seen = now
         if not peer.ready and peer.planes >= BOTH_PLANES:
@@ -229,12 +280,23 @@ class PeerBook:
             peer.last_seen = now
         return peer
 
+    def beat(self, routing_id: bytes, hb: Heartbeat, now: float) -> tuple[bytes, PeerLife | None] | None:
+        """A heartbeat from a beacon socket: (its owner, the owner's record or None when
+        the owner is unknown: it must say hello again). None: not a beacon's."""
+        owner = beacon_owner(routing_id)
+        if owner is None:
+            return None
+        if hb.sender.encode() != owner:
+            return owner, None
+        return owner, self.seen(owner, now)
+
     def forget(self, identity: bytes) -> PeerLife | None:
         return self.peers.pop(identity, None)
 
     def dead(self, now: float, local_host: str, process_exited: Callable[[int], bool]) -> list[tuple[PeerLife, str]]:
         """Peers to declare dead now, with why: a process on this machine that exited
-        (``process_exited(pid)``), or a ready peer silent past the heartbeat timeout."""
+        (``process_exited(pid)``), or a ready peer silent past the heartbeat timeout.
+        ``now``: when the host last read its control queue (see the module docstring)."""
         out: list[tuple[PeerLife, str]] = []
         for p in self.peers.values():
             if p.hostname == local_host and process_exited(p.pid):

@@ -21,7 +21,9 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 3  # 2: HistoryEntry.item_id, KvLeaseReport; 3: OverlapParams without barge_in_ms
+# 2 (main): HistoryEntry.item_id, KvLeaseReport; 3 (main): OverlapParams without barge_in_ms;
+# 4 (reliability): Hello.instance, Ready.pid/hostname, SessionClosed.cause, admission fields.
+PROTOCOL_VERSION = 4
 
 # Array fields: msgspec has no numpy support of its own, so the codec
 # supplies hooks that ship an np.ndarray as an Ext (inline) or a raw frame (large).
@@ -282,11 +284,17 @@ class Hello(_Wire, frozen=True, tag="hello"):
     protocol_version: int
     engine: EngineInfo | None = None
     hostname: str = ""
+    # New per connection: a peer that says hello with another one forgot every session
+    # it had (it declared the host dead and reconnected), even with the same pid.
+    instance: str = ""
+    max_sessions: int = 0  # sessions this process admits (its configured cap; 0 = no cap of its own)
 
 
 class Ready(_Wire, frozen=True, tag="ready"):
     protocol_version: int
     host_instance: str
+    pid: int = 0  # the host process: a peer on the same machine knows at once when it exits
+    hostname: str = ""
 
 
 class Refused(_Wire, frozen=True, tag="refused"):
@@ -309,7 +317,8 @@ class Heartbeat(_Wire, frozen=True, tag="hb"):
 
 
 class ClusterStatus(_Wire, frozen=True, tag="cluster"):
-    """Host → adapters: who is up, the engine's native format, live session count."""
+    """Host → adapters: who is up, the engine's native format, live session count and
+    how many more sessions admission takes (``available``; -1: no limit)."""
 
     host_instance: str
     roles: tuple[RoleStatus, ...]
@@ -317,6 +326,8 @@ class ClusterStatus(_Wire, frozen=True, tag="cluster"):
     engine: EngineInfo | None = None
     draining: bool = False
     metrics: tuple[MetricSample, ...] = ()
+    capacity: int = -1  # sessions admitted in all by the stages ready now (-1: no limit)
+    available: int = -1  # sessions admitted now on top of the open ones (-1: no limit)
 
 
 class Goodbye(_Wire, frozen=True, tag="bye"):
@@ -573,10 +584,21 @@ class SessionOpened(_Wire, frozen=True, tag="opened"):
     engine: EngineInfo
 
 
+class CloseCause(enum.StrEnum):
+    """Why a session ended, for the websocket close code the adapter picks."""
+
+    NORMAL = ""  # closed by the client, or by a session rule: 1000
+    REFUSED = "refused"  # admission refused it (capacity, draining): try again later, 1013
+    FAILED = "failed"  # the server failed it (a stage refused it, the host was lost): 1011
+    SLOW_CLIENT = "slow_client"  # the client did not read its events: 1008
+    SHUTDOWN = "shutdown"  # the server is going away (drain): 1001
+
+
 class SessionClosed(_Wire, frozen=True, tag="closed"):
     session_id: str
     epoch: int
     reason: str = ""
+    cause: CloseCause = CloseCause.NORMAL
 
 
 class SessionUpdated(_Wire, frozen=True, tag="updated"):
@@ -732,6 +754,9 @@ class Snapshot(_Wire, frozen=True, tag="snapshot"):
     epoch: int
     snapshot: SessionSnapshot
     event_id: str = ""
+
+
+CAPACITY_EXCEEDED = "capacity_exceeded"  # the error code of every admission refusal for capacity
 
 
 class ErrorEvent(_Wire, frozen=True, tag="error"):

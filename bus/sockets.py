@@ -38,6 +38,15 @@ class Backpressure(Exception):
     """A data queue toward a peer is full, or the peer is not connected."""
 
 
+class QueueFull(Backpressure):
+    """The queue toward the peer is at its high-water mark: the peer reads slower than
+    we send. Retrying later can succeed (nothing was sent)."""
+
+
+class PeerUnreachable(Backpressure):
+    """No connection to that peer identity (it left, or never said hello)."""
+
+
 _M = TypeVar("_M", ControlMessage, DataMessage)
 
 
@@ -100,10 +109,10 @@ class Channel:
                 for i in range(1, len(frames)):
                     sock.send(frames[i], zmq.NOBLOCK if i == last else _NOBLOCK_MORE, copy=False)
         except zmq.Again as exc:
-            raise Backpressure(f"{plane} queue to {identity!r} is full") from exc
+            raise QueueFull(f"{plane} queue to {identity!r} is full") from exc
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                raise Backpressure(f"peer {identity!r} is not connected on {plane}") from exc
+                raise PeerUnreachable(f"peer {identity!r} is not connected on {plane}") from exc
             raise
 
     # ------------------------------------------------------------------ receive
@@ -215,13 +224,21 @@ def _try_hello(chan: Channel, hello: Hello) -> None:
 
 
 def handshake(
-    chan: Channel, hello: Hello, timeout_s: float, retry_s: float = 1.0, stopped: Callable[[], bool] | None = None
+    chan: Channel,
+    hello: Hello,
+    timeout_s: float,
+    retry_s: float = 1.0,
+    stopped: Callable[[], bool] | None = None,
+    tick: Callable[[], object] | None = None,
 ) -> Ready:
     """Blocking HELLO → READY for stage workers (the rules: :class:`Handshake`). Other
     control messages before Ready are dropped (the host only talks to us after Ready).
-    ``stopped``: give up at once when it turns true (a shutdown while the host is away)."""
+    ``stopped``: give up at once when it turns true (a shutdown while the host is away);
+    ``tick``: called every turn of the wait (the watchdog: waiting is not being stuck)."""
     hs = Handshake(time.monotonic(), timeout_s, retry_s)
     while True:
+        if tick is not None:
+            tick()
         if stopped is not None and stopped():
             raise HandshakeError("stopped while waiting for the session host")
         now = time.monotonic()
@@ -275,16 +292,23 @@ class AsyncWaiter:
 
 
 async def handshake_async(
-    chan: Channel, waiter: AsyncWaiter, hello: Hello, timeout_s: float, retry_s: float = 1.0
+    chan: Channel,
+    waiter: AsyncWaiter,
+    hello: Hello,
+    timeout_s: float,
+    retry_s: float = 1.0,
+    tick: Callable[[], object] | None = None,
 ) -> Ready:
     """HELLO → READY for the asyncio side (adapter); the rules: :class:`Handshake`."""
     hs = Handshake(time.monotonic(), timeout_s, retry_s)
     while True:
+        if tick is not None:
+            tick()
         now = time.monotonic()
         if hs.hello_due(now):
             _try_hello(chan, hello)
             waiter.wake()
-        ctl_ready, _ = await waiter.wait(hs.wait_s(now))
+        ctl_ready, _ = await waiter.wait(min(hs.wait_s(now), 0.25))
         if ctl_ready:
             for r in chan.recv_batch(CONTROL):
                 ready = hs.on_control(r.msg)

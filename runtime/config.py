@@ -41,8 +41,8 @@ class BusConfig(msgspec.Struct, **_STRICT):
     hosts: tuple[HostEndpoints, ...] = ()
     data_hwm: int = 2000
     handshake_timeout_s: float = 30.0
-    heartbeat_interval_s: float = 0.5
-    heartbeat_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 0.1
+    heartbeat_timeout_s: float = 0.75  # a peer silent this long is dead (beats come from a thread)
     curve: CurveConfig = CurveConfig()  # [bus.curve]: encryption + authentication of the links
 
 
@@ -53,15 +53,20 @@ class HostConfig(msgspec.Struct, **_STRICT):
     max_input_buffer_ms: int = 15 * 60 * 1000
     continuation_pace: float = 1.0
     shard: int = 0  # the entry of [bus] hosts a host binds and a stage serves (run ROLE --shard N)
+    max_sessions: int = 0  # admission: sessions this node holds (0: no node limit; stage limits still apply)
+    backlog_audio_ms: int = 3000  # a session's audio waiting for a full adapter queue before its response fails
+    backlog_events: int = 2000  # ... or its events, before the session (with no response) is closed
 
 
 class Stage0Config(msgspec.Struct, **_STRICT):
     max_batch: int = 64
+    max_sessions: int = 0  # admission: sessions one stage0 process takes (0: its engine's slots, else none)
 
 
 class Stage1Config(msgspec.Struct, **_STRICT):
     max_batch: int = 64
     max_lead_ms: int = 1500  # generate at most this far ahead of real time (0: unbounded)
+    max_sessions: int = 0  # admission: sessions one stage1 process takes (0: no limit)
 
 
 class EngineConfig(msgspec.Struct, **_STRICT):
@@ -73,6 +78,7 @@ class SupervisorConfig(msgspec.Struct, **_STRICT):
     restart_window_s: float = 5.0  # ...before the supervisor gives up loudly
     start_timeout_s: float = 300.0  # model loading included
     stop_timeout_s: float = 15.0
+    watchdog_s: float = 15.0  # a ready role whose main loop sends no WATCHDOG=1 this long is killed, restarted
 
 
 class LoggingConfig(msgspec.Struct, **_STRICT):
@@ -145,6 +151,17 @@ def validate(cfg: Config) -> Config:
     problems += cfg.bus.curve.problems()
     if cfg.bus.heartbeat_timeout_s <= cfg.bus.heartbeat_interval_s:
         problems.append("bus.heartbeat_timeout_s must be longer than bus.heartbeat_interval_s")
+    if 0 < cfg.server.max_message_bytes < 1024:
+        problems.append("server.max_message_bytes must be 0 (derived from max_audio_bytes) or at least 1024")
+    lead = cfg.stage1.max_lead_ms
+    if lead and cfg.server.slow_client_audio_ms < lead + 1000:
+        # A client that reads in real time has up to max_lead_ms of audio waiting, legitimately.
+        problems.append(
+            f"server.slow_client_audio_ms ({cfg.server.slow_client_audio_ms}) must be at least "
+            f"stage1.max_lead_ms + 1000 ({lead + 1000})"
+        )
+    if 0 < cfg.supervisor.watchdog_s < 1:
+        problems.append("supervisor.watchdog_s must be 0 (off) or at least 1 second")
     if cfg.server.bridge_port and cfg.server.bridge_port == cfg.server.port:
         problems.append("server.bridge_port must differ from server.port")
     if problems:

@@ -120,9 +120,13 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "server.port": PORT,
     "server.api_keys": Text("secret"),
     "server.api_key_file": Text("path"),
-    "server.max_message_bytes": Range(1024),
+    "server.max_message_bytes": NON_NEGATIVE,  # 0 = derived; else >= 1024 (config.validate)
     "server.max_audio_bytes": AT_LEAST_ONE,
     "server.drain_timeout_s": NON_NEGATIVE,
+    "server.ping_interval_s": NON_NEGATIVE,
+    "server.ping_timeout_s": NON_NEGATIVE,
+    "server.slow_client_audio_ms": Range(100),
+    "server.slow_client_events": Range(16),
     "server.bridge_port": PORT,
     "server.web_dir": Text("path"),
     # [bus]
@@ -142,6 +146,9 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "host.max_input_buffer_ms": Range(1000),
     "host.continuation_pace": POSITIVE,
     "host.shard": Range(0),
+    "host.max_sessions": NON_NEGATIVE,
+    "host.backlog_audio_ms": Range(100),
+    "host.backlog_events": Range(16),
     # [session]
     "session.vad.threshold": PROBABILITY,
     "session.vad.prefix_padding_ms": NON_NEGATIVE,
@@ -159,8 +166,10 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "session.temperature": Range(0, 2),
     # [stage0], [stage1]
     "stage0.max_batch": AT_LEAST_ONE,
+    "stage0.max_sessions": NON_NEGATIVE,
     "stage1.max_batch": AT_LEAST_ONE,
     "stage1.max_lead_ms": NON_NEGATIVE,
+    "stage1.max_sessions": NON_NEGATIVE,
     # [engine]
     "engine.name": lambda: OneOf(_engine_names()),
     # [engines.scripted]
@@ -285,6 +294,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "supervisor.restart_window_s": POSITIVE,
     "supervisor.start_timeout_s": POSITIVE,
     "supervisor.stop_timeout_s": POSITIVE,
+    "supervisor.watchdog_s": NON_NEGATIVE,  # 0 = off; else >= 1 (config.validate)
     # [logging]
     "logging.level": OneOf(LOG_LEVELS, fold=True),
     "logging.format": OneOf(("json", "text")),

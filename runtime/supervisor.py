@@ -7,6 +7,12 @@ under systemd. A child that dies is restarted, at most ``restart_max`` times wit
 SIGINT/SIGTERM stop the roles in dependency order: adapter (drains clients), host,
 stages. Children get SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG).
 
+It is also their watchdog, as systemd is under the units (``WatchdogSec=``): each child
+gets ``WATCHDOG_USEC`` and pings ``WATCHDOG=1`` from its main loop; a ready child silent for
+``watchdog_s`` is stuck (a step that never returns, a frozen process) and is killed, then
+restarted like any crash. A restarted child is told how often (``DUPLEXD_ROLE_RESTARTS``) and
+reports it as ``duplexd_role_restarts_total`` in its own metrics.
+
 Before any child starts, :meth:`Supervisor.prepare` checks the ports and the engine's
 packages and takes a private, locked run dir (see preflight.py), so a second server
 fails in one line and never touches a running one. A role that exits with
@@ -33,15 +39,16 @@ from pathlib import Path
 import msgspec
 
 from duplexd.bus.log import get_logger, log
-from duplexd.bus.metrics import ROLE_RESTARTS
 from duplexd.runtime import sdnotify
 from duplexd.runtime import secrets as config_secrets
 from duplexd.runtime.config import Config, dump_json
 from duplexd.runtime.preflight import EXIT_NO_RESTART, RunDir, StartupError, check
+from duplexd.runtime.watchdog import Watchdog
 
 _log = get_logger("duplexd.supervisor")
 
 START_ORDER = ("host", "stage0", "stage1", "adapter")
+RESTARTS_ENV = "DUPLEXD_ROLE_RESTARTS"  # a child's environment: how often its role was restarted
 STOP_ORDER = ("adapter", "host", "stage1", "stage0")
 _PR_SET_PDEATHSIG = 1
 
@@ -57,6 +64,8 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     ready: bool = False
     restarts: deque[float] = field(default_factory=deque)
+    total_restarts: int = 0
+    last_ping: float = 0.0  # the last WATCHDOG=1 (or READY=1)
 
 
 class Supervisor:
@@ -110,6 +119,11 @@ class Supervisor:
 
     def _spawn(self, child: Child, config_path: Path, notify_path: str) -> None:
         env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1", **self._secret_env)
+        env.pop("WATCHDOG_PID", None)  # (ours, from systemd, if any: not the child's)
+        env.pop("WATCHDOG_USEC", None)
+        if self.cfg.supervisor.watchdog_s > 0:
+            env["WATCHDOG_USEC"] = str(int(self.cfg.supervisor.watchdog_s * 1e6))
+        env[RESTARTS_ENV] = str(child.total_restarts)
         cmd = [sys.executable, "-m", "duplexd.runtime.cli", "run", child.role, "--config", str(config_path)]
         # Own process group: a terminal's Ctrl-C reaches only us, and we stop the roles in order.
         child.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, process_group=0)  # noqa: PLW1509
@@ -127,10 +141,13 @@ class Supervisor:
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", payload[:12])[0]
-            if b"READY=1" not in data.split(b"\n"):
-                continue
+            lines = data.split(b"\n")
             for c in self.children.values():
-                if c.proc is not None and c.proc.pid == pid and not c.ready:
+                if c.proc is None or c.proc.pid != pid:
+                    continue
+                if b"WATCHDOG=1" in lines or b"READY=1" in lines:
+                    c.last_ping = time.monotonic()
+                if b"READY=1" in lines and not c.ready:
                     c.ready = True
                     log(_log, logging.INFO, "role ready", child=c.role, child_pid=pid)
 
@@ -166,7 +183,7 @@ class Supervisor:
             )
             return False
         child.restarts.append(now)
-        ROLE_RESTARTS.labels(role=child.role).inc()
+        child.total_restarts += 1
         log(_log, logging.ERROR, "role died; restarting", child=child.role, exit_code=code, restart=len(child.restarts))
         self._spawn(child, config_path, notify_path)
         return True
@@ -189,9 +206,12 @@ class Supervisor:
             self._spawn(self.children[role], config_path, notify_path)
         started = time.monotonic()
         code = 0
+        watchdog = Watchdog()  # ours, when systemd runs `duplexd serve` with WatchdogSec=
         try:
             while not self._stop:
+                watchdog.ping()
                 self._read_notices()
+                self._kill_hung()
                 if not self._all_ready_logged and self._all_ready():
                     self._all_ready_logged = True
                     s = self.cfg.server
@@ -221,6 +241,27 @@ class Supervisor:
         finally:
             self._shutdown()
         return code
+
+    def _kill_hung(self) -> None:
+        """A ready child whose main loop stopped pinging is stuck: kill it (it is restarted
+        like any crash, within the restart intensity)."""
+        limit = self.cfg.supervisor.watchdog_s
+        if limit <= 0:
+            return
+        now = time.monotonic()
+        for c in self.children.values():
+            if c.proc is None or not c.ready or c.proc.poll() is not None or now - c.last_ping <= limit:
+                continue
+            log(
+                _log,
+                logging.ERROR,
+                "role hung (no watchdog ping); killing it",
+                child=c.role,
+                child_pid=c.proc.pid,
+                silent_s=round(now - c.last_ping, 1),
+            )
+            c.proc.kill()
+            c.ready = False
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop = True

@@ -187,17 +187,25 @@ class EventLog:
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
+        self.times: list[float] = []  # time.monotonic() each event arrived (same index)
         self.closed = False
+        self.closed_at: float | None = None
         self._cond = asyncio.Condition()
 
     async def add(self, event: dict[str, Any]) -> None:
         async with self._cond:
             self.events.append(event)
+            self.times.append(time.monotonic())
             self._cond.notify_all()
+
+    def time_of(self, event: dict[str, Any]) -> float:
+        """When ``event`` (one of ``events``) arrived."""
+        return self.times[next(i for i, e in enumerate(self.events) if e is event)]
 
     async def mark_closed(self) -> None:
         async with self._cond:
             self.closed = True
+            self.closed_at = time.monotonic()
             self._cond.notify_all()
 
     def of(self, etype: str, start: int = 0) -> list[dict[str, Any]]:
@@ -274,6 +282,58 @@ class NativeClient(EventLog):
 
     async def append_b64(self, x: np.ndarray) -> None:
         await self.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16(x)).decode()})
+
+    async def close(self) -> None:
+        await self.ws.close()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+
+
+class RealtimeClient(EventLog):
+    """Records everything a ``/v1/realtime`` connection receives (audio deltas decoded)."""
+
+    def __init__(self, ws: Any) -> None:
+        super().__init__()
+        self.ws = ws
+        self.audio: list[AudioFrame] = []
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def connect(cls, server: ServerProcess, query: str = "", wait: bool = True, **kw: Any) -> RealtimeClient:
+        ws = await websockets.connect(f"ws://{server.base}/v1/realtime{query}", max_size=None, **kw)
+        client = cls(ws)
+        if wait:
+            await client.wait_for("session.created")
+        return client
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.ws:
+                e = json.loads(frame)
+                if e["type"] in ("response.output_audio.delta", "response.audio.delta"):
+                    pcm = np.frombuffer(base64.b64decode(e["delta"]), dtype="<i2")
+                    self.audio.append(AudioFrame(e, pcm, len(self.events)))
+                    e = {**e, "delta": len(pcm)}
+                await self.add(e)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            await self.mark_closed()
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(event))
+
+    async def append(self, x: np.ndarray, event_id: str = "") -> None:
+        event = {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16(x)).decode()}
+        await self.send({**event, "event_id": event_id} if event_id else event)
+
+    async def manual_turn(self, x: np.ndarray, tag: str = "turn") -> str:
+        """Manual turn taking: append ``x``, commit, ask for a response. Returns the
+        response.create's event id (``<tag>-create``; the others: ``-append``, ``-commit``)."""
+        await self.append(x, f"{tag}-append")
+        await self.send({"type": "input_audio_buffer.commit", "event_id": f"{tag}-commit"})
+        await self.send({"type": "response.create", "event_id": f"{tag}-create"})
+        return f"{tag}-create"
 
     async def close(self) -> None:
         await self.ws.close()

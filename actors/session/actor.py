@@ -33,6 +33,7 @@ from duplexd.bus.messages import (
     AudioIn,
     AudioOut,
     ClientCommand,
+    CloseCause,
     EngineInfo,
     InputClear,
     InputCleared,
@@ -247,7 +248,7 @@ class SessionActor:
         c.emit(Dest.STAGE1, StageOpen(c.session_id, c.epoch, c.config), "control")
         c.event(SessionOpened(c.session_id, c.epoch, c.engine))
 
-    def close(self, now: float, reason: str = "closed") -> None:
+    def close(self, now: float, reason: str = "closed", cause: CloseCause = CloseCause.NORMAL) -> None:
         c = self._core
         if c.closed:
             return
@@ -261,7 +262,7 @@ class SessionActor:
         c.closed = True
         c.emit(Dest.STAGE0, StageClose(c.session_id, c.epoch), "control")
         c.emit(Dest.STAGE1, StageClose(c.session_id, c.epoch), "control")
-        c.event(SessionClosed(c.session_id, c.epoch, reason))
+        c.event(SessionClosed(c.session_id, c.epoch, reason, cause=cause))
 
     # ================================================================== adapter commands (data plane, in order)
     def on_command(self, msg: ClientCommand, now: float) -> None:
@@ -352,6 +353,11 @@ class SessionActor:
         """The host could not hand ``out`` to a stage (queue full or peer gone)."""
         if not self._core.closed:
             self.failures.on_send_failed(out, now)
+
+    def on_client_overloaded(self, now: float) -> None:
+        """The adapter cannot take this session's events in time (see stage_failures.py)."""
+        if not self._core.closed:
+            self.failures.on_client_overloaded(now)
 
     def on_stage_lost(self, role: Role, now: float) -> None:
         """The stage serving this session died: fail what it was doing."""

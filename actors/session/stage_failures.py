@@ -12,9 +12,9 @@ from collections.abc import Callable
 from duplexd.actors.session.chunks import ChunkLedger
 from duplexd.actors.session.core import Dest, Out, SessionCore
 from duplexd.actors.session.lifecycle import ResponseLifecycle
-from duplexd.bus.messages import AudioChunk, Handoff, Role, StageError, StageOpen
+from duplexd.bus.messages import AudioChunk, CloseCause, Handoff, Role, StageError, StageOpen
 
-CloseSession = Callable[[float, str], None]
+CloseSession = Callable[[float, str, CloseCause], None]
 
 
 class StageFailures:
@@ -38,7 +38,7 @@ class StageFailures:
         if err.code == "stage_open_failed":
             # The stage refused the session: nothing sent there would ever be answered.
             core.error(err.code, message + "; the session is closed", type_="server_error")
-            self._close(now, "model stage refused the session")
+            self._close(now, "model stage refused the session", CloseCause.FAILED)
             return
         if err.epoch < core.epoch:
             # About work of an older epoch: the response it served has already ended.
@@ -56,7 +56,7 @@ class StageFailures:
                 "the model stage did not accept a control message; the session is closed to keep it consistent",
                 type_="server_error",
             )
-            self._close(now, "stage unreachable")
+            self._close(now, "stage unreachable", CloseCause.FAILED)
         elif isinstance(msg, AudioChunk):
             self._chunks.refused(msg.chunk_seq)
             if now - self._overload_reported >= 1.0:
@@ -67,6 +67,19 @@ class StageFailures:
             r = self._responses.response
             if r is not None and msg.response_id == r.id:
                 self._responses.fail(now, "overloaded", "speech synthesis is overloaded")
+
+    def on_client_overloaded(self, now: float) -> None:
+        """The adapter cannot take this session's events as fast as they come: fail the
+        response (error, epoch advance, ``response.done`` failed), or close the session
+        when none is active."""
+        if self._responses.response is not None:
+            message = "the server could not deliver this response in time; it was stopped"
+            self._responses.fail(now, "overloaded", message)
+            return
+        self._core.error(
+            "overloaded", "the server could not deliver this session's events in time", type_="server_error"
+        )
+        self._close(now, "overloaded", CloseCause.FAILED)
 
     def on_stage_lost(self, role: Role, now: float) -> None:
         """The stage serving this session died: fail what it was doing."""

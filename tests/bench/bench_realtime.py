@@ -6,7 +6,8 @@ times each answer, while a second connection sends one large append. The adapter
 loop serves every connection, so the probe's worst answer time is the stall that large
 append causes for everyone else.
 
-Cases: idle; a 20 MiB append (refused by size before any decoding); a 10 MiB append
+Cases: idle; a 15.5 MiB append (refused by size before any decoding; the largest frame below
+the 21 MiB frame limit); a 10 MiB append
 that is accepted (decoded off the loop, then fed to the session in slices). The "inline"
 column is what the loop would block for if the same append were decoded and converted
 in one go on it (base64 decode + pcm16 → float32 + resample, measured here in-process):
@@ -132,14 +133,18 @@ def _framing_ms(payload: str, rounds: int = 3) -> float:
 
 def main() -> None:
     rng = np.random.default_rng(7)
-    huge = base64.b64encode(rng.integers(-3000, 3000, 10 * 1024 * 1024, dtype=np.int16).tobytes()).decode()
+    huge = base64.b64encode(rng.integers(-3000, 3000, 31 * 256 * 1024, dtype=np.int16).tobytes()).decode()
     big_ok = base64.b64encode(rng.integers(-3000, 3000, 5 * 1024 * 1024, dtype=np.int16).tobytes()).decode()
     cases = {
         "idle": None,
-        "20 MiB append (refused)": json.dumps({"type": "input_audio_buffer.append", "audio": huge}),
+        "15.5 MiB append (refused)": json.dumps({"type": "input_audio_buffer.append", "audio": huge}),
         "10 MiB append (accepted)": json.dumps({"type": "input_audio_buffer.append", "audio": big_ok}),
     }
-    inline = {"idle": 0.0, "20 MiB append (refused)": _inline_ms(huge), "10 MiB append (accepted)": _inline_ms(big_ok)}
+    inline = {
+        "idle": 0.0,
+        "15.5 MiB append (refused)": _inline_ms(huge),
+        "10 MiB append (accepted)": _inline_ms(big_ok),
+    }
     framing = {name: _framing_ms(p) if p else 0.0 for name, p in cases.items()}
     rows: list[list[str]] = []
     with ServerProcess(sections={"session": {"turn_mode": "manual"}}) as server:

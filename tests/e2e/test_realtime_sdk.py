@@ -792,8 +792,9 @@ async def test_bad_input_gets_error_events_and_session_keeps_working(realtime_se
         await expect(
             ev(type="response.create", response={"tools": [{"type": "function", "name": "f"}]}), "unsupported_parameter"
         )
-        # 20 MiB of audio in one append: refused at once, without decoding it.
-        big = base64.b64encode(bytes(20 * 1024 * 1024)).decode()
+        # 15.5 MiB of audio in one append (a frame within the 21 MiB frame limit): refused at
+        # once, without decoding it. (A frame above the limit closes the socket: 1009.)
+        big = base64.b64encode(bytes(31 * 512 * 1024)).decode()
         took = await expect(
             ev(type="input_audio_buffer.append", audio=big, event_id="e_big"), "audio_too_large", "audio", "e_big"
         )

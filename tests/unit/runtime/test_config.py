@@ -120,7 +120,7 @@ def test_cli_check_config_exit_codes(tmp_path: Path) -> None:
         ("[session]\noutput_modalities = ['video']\n", "'video' is not one of audio, text"),
         ("[server]\nport = 70000\n", "server.port: 70000 is above 65535"),
         ("[bus]\ndata_hwm = 0\n", "bus.data_hwm: 0 is below 1"),
-        ("[bus]\nheartbeat_timeout_s = 0.2\n", "heartbeat_timeout_s must be longer"),
+        ("[bus]\nheartbeat_timeout_s = 0.05\n", "heartbeat_timeout_s must be longer"),
         ("[bus]\ncontrol = 'http://x'\ndata = 'tcp://h:1'\n", "bus.control: 'http://x' is not an ipc:// or tcp://"),
         ("[stage1]\nmax_lead_ms = -1\n", "stage1.max_lead_ms"),
         ("[engines.scripted]\nspeech_rms = 2.0\n", "engines.scripted.speech_rms"),
