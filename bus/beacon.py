@@ -26,6 +26,7 @@ import zmq
 
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.codec import Encoder
+from duplexd.bus.curve import secure_client
 from duplexd.bus.liveness import BeatSchedule, beacon_identity
 from duplexd.bus.messages import Heartbeat, MetricSample
 
@@ -70,6 +71,7 @@ class Beacon:
         sock.setsockopt(zmq.IDENTITY, beacon_identity(self.identity).encode())
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, self.addrs.curve)  # the host refuses any connection without the peer's key
         sock.connect(self.addrs.control)
         enc = Encoder()
         try:

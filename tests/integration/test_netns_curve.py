@@ -72,13 +72,17 @@ def split_cluster(keys: Path) -> Iterator[tuple[Cluster, NetnsPair]]:
 async def test_a_turn_crosses_the_namespace_encrypted(split_cluster: tuple[Cluster, NetnsPair]) -> None:
     c, ns = split_cluster
     before = ns.rx_bytes()
-    client = await NativeClient.connect(c)  # type: ignore[arg-type]
+    client = await _connect(c)
     await client.send({"type": "session.update", "session": {"turn_mode": "manual"}})
     await client.wait_for("session.updated")
     await client.stream(tone(500))
     await client.send({"type": "input_audio_buffer.commit"})
     await client.send({"type": "response.create"})
-    done = await client.wait_for("response.done", within_s=30)
+    try:
+        done = await client.wait_for("response.done", within_s=30)
+    except ConnectionError:
+        print(client.of("error"), c.logs())
+        raise
     assert done["response"]["status"] == "completed"
     audio = [f for f in client.audio if f.header["response_id"] == done["response"]["id"]]
     assert sum(len(f.pcm) for f in audio) == 24000 * 800 // 1000
@@ -101,13 +105,13 @@ def test_a_stage_with_an_unauthorized_key_is_refused(split_cluster: tuple[Cluste
     assert "bus peer refused" in c.roles["host"].logs()
     # The cluster never saw it: one stage0, still serving.
     code, body = c.health()
-    assert code == 200
+    assert code == 200, (body, c.logs())
     assert sum(1 for r in body["roles"] if r["role"] == "stage0") == 1
     asyncio.run(_one_turn(c))
 
 
 async def _one_turn(c: Cluster) -> None:
-    client = await NativeClient.connect(c)  # type: ignore[arg-type]
+    client = await _connect(c)
     await client.send({"type": "session.update", "session": {"turn_mode": "manual"}})
     await client.wait_for("session.updated")
     await client.stream(tone(300))
@@ -116,3 +120,11 @@ async def _one_turn(c: Cluster) -> None:
     done = await client.wait_for("response.done", within_s=30)
     assert done["response"]["status"] == "completed"
     await client.close()
+
+
+async def _connect(c: Cluster) -> NativeClient:
+    try:
+        return await NativeClient.connect(c)  # type: ignore[arg-type]
+    except ConnectionError:
+        print(c.logs())
+        raise
