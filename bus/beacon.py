@@ -44,12 +44,14 @@ class Beacon:
         metrics_interval_s: float = 2.0,
         metrics: Callable[[], tuple[MetricSample, ...]] | None = None,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        load: Callable[[], int] | None = None,
     ) -> None:
         self.addrs = addrs
         self.identity = identity
         self.interval_s = interval_s
         self._schedule = BeatSchedule(interval_s, metrics_interval_s)
         self._metrics = metrics
+        self._load = load  # the sessions open in this process, read from the beacon thread
         self._ctx = ctx or zmq.Context.instance()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,7 +83,9 @@ class Beacon:
                     metrics: tuple[MetricSample, ...] = ()
                     if beat.with_metrics and self._metrics is not None:
                         metrics = self._metrics()
-                    frames: list[Any] = enc.encode(Heartbeat(beat.seq, self.identity, metrics=metrics))
+                    frames: list[Any] = enc.encode(
+                        Heartbeat(beat.seq, self.identity, metrics=metrics, load=self._load() if self._load else -1)
+                    )
                     with contextlib.suppress(zmq.Again):
                         sock.send_multipart(frames, zmq.NOBLOCK)
                         self.sent += 1

@@ -261,6 +261,8 @@ class RoleStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     state: str  # ready | starting | dead
     protocol_version: int = PROTOCOL_VERSION
     host: str = ""
+    sessions: int = -1  # stages: sessions bound there (the larger of the host's count and its report)
+    capacity: int = 0  # stages: sessions it admits (0: no limit)
 
 
 class MetricSample(msgspec.Struct, frozen=True, array_like=True):
@@ -314,6 +316,9 @@ class Heartbeat(_Wire, frozen=True, tag="hb"):
     protocol_version: int = PROTOCOL_VERSION
     host_instance: str = ""
     metrics: tuple[MetricSample, ...] = ()
+    # Stages: sessions open on the sender now, across every host it serves (-1: not reported).
+    # With its Hello's max_sessions, the replica's load and capacity as it sees them.
+    load: int = -1
 
 
 class ClusterStatus(_Wire, frozen=True, tag="cluster"):

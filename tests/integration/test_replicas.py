@@ -115,6 +115,13 @@ async def test_sessions_spread_and_a_killed_replica_rebinds_only_its_sessions(re
     for cl, _ in others:
         assert cl.of("error") == []
         assert [e["response"]["status"] for e in cl.of("response.done")] == ["completed", "completed"]
-    assert '"peer dead"' in c.roles["host"].logs() or '"peer left"' in c.roles["host"].logs()
+    # The host re-bound exactly the victims, onto the surviving stage0.
+    rebound = [json.loads(ln) for ln in c.roles["host"].logs().splitlines() if '"session re-bound"' in ln]
+    assert sorted(r["session_id"] for r in rebound) == sorted(sid for _, sid in victims)
+    assert {r["stage"] for r in rebound} == {s0b}
+    # Each replica announces its load: /health shows where the sessions are now.
+    _, body = c.health()
+    stage0s = {r["identity"]: r.get("sessions") for r in body["roles"] if r["role"] == "stage0"}
+    assert stage0s == {s0b: 4}
     for cl, _ in sessions:
         await cl.close()
