@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from duplexd.adapters.link import EgressLimits, EventHandler, HostLink, SessionLink, SessionUnavailable
+from duplexd.adapters.link import (
+    EgressLimits,
+    EventHandler,
+    HostLink,
+    SessionLink,
+    SessionUnavailable,
+    SlowHandler,
+)
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.messages import ClusterStatus, EngineInfo, MetricSample, Role, RoleStatus, SessionConfig
 from duplexd.bus.shards import owner
@@ -90,6 +97,8 @@ class ShardedLink:
             engine=next((st.engine for _, st in statuses if st.engine is not None), None),
             draining=all(st.draining for _, st in statuses) and not missing,
             metrics=tuple(metrics),
+            capacity=_total(st.capacity for _, st in statuses),
+            available=_total(st.available for _, st in statuses),
         )
 
     @property
@@ -108,14 +117,23 @@ class ShardedLink:
         return all(link.ready() for link in self.links)
 
     def owner(self, session_id: str) -> int | None:
-        """The index of the host that takes a new session ``session_id`` now."""
-        return owner(session_id, self.names, alive=lambda i: self.links[i].ready())
+        """The index of the host that takes a new session ``session_id`` now: its first
+        choice among the hosts that are ready and have room (admission: a full host's
+        stages refuse; another host may still take it). When every ready host is full, the
+        first ready choice, which refuses it with ``capacity_exceeded``."""
+        ready = [i for i, link in enumerate(self.links) if link.ready()]
+        with_room = [i for i in ready if _has_room(self.links[i].status)]
+        return owner(session_id, self.names, alive=lambda i: i in with_room) if with_room else (
+            owner(session_id, self.names, alive=lambda i: i in ready)
+        )
 
-    def open(self, session_id: str, config: SessionConfig, handler: EventHandler) -> SessionLink:
+    def open(
+        self, session_id: str, config: SessionConfig, handler: EventHandler, on_slow: SlowHandler | None = None
+    ) -> SessionLink:
         i = self.owner(session_id)
         if i is None:
             raise SessionUnavailable("no session host is ready (starting, restarting or draining)")
-        return self.links[i].open(session_id, config, handler)
+        return self.links[i].open(session_id, config, handler, on_slow)
 
     async def start(self) -> None:
         for link in self.links:
@@ -136,6 +154,16 @@ class ShardedLink:
 
     async def stop(self) -> None:
         await asyncio.gather(*(link.stop() for link in self.links))
+
+
+def _has_room(status: ClusterStatus | None) -> bool:
+    return status is not None and status.available != 0
+
+
+def _total(values: Iterable[int]) -> int:
+    """Sum of per-host limits; -1 (no limit) when any host has none."""
+    vals = list(values)
+    return -1 if any(v < 0 for v in vals) else sum(vals)
 
 
 AnyLink = HostLink | ShardedLink  # what the adapter's servers talk through

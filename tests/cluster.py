@@ -26,7 +26,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import REPO, free_port, write_config
+from tests.harness import REPO, free_port, toml_value
+
+
+def _toml(v: Any) -> str:
+    """toml_value plus inline tables (``[bus] hosts``)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return toml_value(v)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in values.items()), ""]
+    path.write_text("\n".join(lines))
 
 
 @dataclass
