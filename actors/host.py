@@ -657,6 +657,7 @@ class SessionHost:
                 host=p.hostname,
                 sessions=p.load,
                 capacity=p.capacity,
+                load=p.reported_load,
             )
             for p in self.peers.values()
             if p.role != Role.ADAPTER

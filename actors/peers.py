@@ -29,9 +29,9 @@ class Peer:
 
     @property
     def load(self) -> int:
-        """Sessions bound there: ours, or more if the stage reports more (sessions it still
-        holds that we have closed, or that another host bound there)."""
-        return max(len(self.sessions), self.reported_load)
+        """Sessions bound there. Our own count decides: a stage serves one host, and its
+        report lags a close by up to a heartbeat (it would refuse a slot just freed)."""
+        return len(self.sessions)
 
     @property
     def identity(self) -> bytes:

@@ -261,8 +261,9 @@ class RoleStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     state: str  # ready | starting | dead
     protocol_version: int = PROTOCOL_VERSION
     host: str = ""
-    sessions: int = -1  # stages: sessions bound there (the larger of the host's count and its report)
+    sessions: int = -1  # stages: sessions this host bound there
     capacity: int = 0  # stages: sessions it admits (0: no limit)
+    load: int = -1  # stages: sessions open there, as its last heartbeat reported (-1: none yet)
 
 
 class MetricSample(msgspec.Struct, frozen=True, array_like=True):

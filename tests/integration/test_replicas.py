@@ -121,7 +121,7 @@ async def test_sessions_spread_and_a_killed_replica_rebinds_only_its_sessions(re
     assert {r["stage"] for r in rebound} == {s0b}
     # Each replica announces its load: /health shows where the sessions are now.
     _, body = c.health()
-    stage0s = {r["identity"]: r.get("sessions") for r in body["roles"] if r["role"] == "stage0"}
-    assert stage0s == {s0b: 4}
+    stage0s = {r["identity"]: (r.get("sessions"), r.get("load")) for r in body["roles"] if r["role"] == "stage0"}
+    assert stage0s == {s0b: (4, 4)}
     for cl, _ in sessions:
         await cl.close()
