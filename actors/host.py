@@ -354,8 +354,13 @@ class SessionHost:
                 owner, life = beat
                 if life is None:
                     self._send(owner, CONTROL, HelloRequired(self.instance))  # to its main socket
-                elif msg.metrics and owner in self.peers:
-                    self.peers[owner].metrics = msg.metrics
+                elif owner in self.peers:
+                    sender = self.peers[owner]
+                    if msg.metrics:
+                        sender.metrics = msg.metrics
+                    if msg.load >= 0 and msg.load != sender.reported_load:
+                        sender.reported_load = msg.load  # the replica's load, as it counts it
+                        self._status_dirty = True
                 return
         peer = self.peers.get(r.identity)
         if peer is None or self.book.seen(r.identity, now) is None:
@@ -484,6 +489,7 @@ class SessionHost:
             b.stage1 = peer.identity
         peer.sessions.add(sid)
         b.actor.stage_names[role] = peer.name
+        log(_log, logging.INFO, "session re-bound", session_id=sid, epoch=b.actor.epoch, stage=peer.name)
         b.actor.on_stage_bound(role, self.now())
         self._flush(sid)
 
@@ -650,7 +656,16 @@ class SessionHost:
     def role_statuses(self) -> tuple[RoleStatus, ...]:
         out = [RoleStatus(Role.HOST, "host", os.getpid(), "ready", host=self._hostname)]
         out += [
-            RoleStatus(p.role, p.name, p.pid, "ready" if p.ready else "starting", host=p.hostname)
+            RoleStatus(
+                p.role,
+                p.name,
+                p.pid,
+                "ready" if p.ready else "starting",
+                host=p.hostname,
+                sessions=p.load,
+                capacity=p.capacity,
+                load=p.reported_load,
+            )
             for p in self.peers.values()
             if p.role != Role.ADAPTER
         ]

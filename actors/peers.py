@@ -25,6 +25,13 @@ class Peer:
     capacity: int = 0  # sessions it admits (admission.stage_capacity); 0: no limit
     sessions: set[str] = field(default_factory=set)
     metrics: tuple[MetricSample, ...] = ()
+    reported_load: int = -1  # sessions the stage says it holds (its heartbeats); -1: not yet
+
+    @property
+    def load(self) -> int:
+        """Sessions bound there. Our own count decides: a stage serves one host, and its
+        report lags a close by up to a heartbeat (it would refuse a slot just freed)."""
+        return len(self.sessions)
 
     @property
     def identity(self) -> bytes:
@@ -52,19 +59,19 @@ class Peer:
 
 
 def _has_room(p: Peer) -> bool:
-    return p.capacity <= 0 or len(p.sessions) < p.capacity
+    return p.capacity <= 0 or p.load < p.capacity
 
 
 def _load(p: Peer) -> admission.StageLoad:
-    return admission.StageLoad(len(p.sessions), p.capacity)
+    return admission.StageLoad(p.load, p.capacity)
 
 
 def has_room(p: Peer) -> bool:
-    return p.capacity <= 0 or len(p.sessions) < p.capacity
+    return p.capacity <= 0 or p.load < p.capacity
 
 
 def load(p: Peer) -> admission.StageLoad:
-    return admission.StageLoad(len(p.sessions), p.capacity)
+    return admission.StageLoad(p.load, p.capacity)
 
 
 def ready_peers(peers: Iterable[Peer], role: Role) -> list[Peer]:
@@ -76,4 +83,4 @@ def pick(peers: Iterable[Peer], role: Role, with_room: bool = False) -> Peer | N
     ready = ready_peers(peers, role)
     if with_room:
         ready = [p for p in ready if has_room(p)]
-    return min(ready, key=lambda p: len(p.sessions)) if ready else None
+    return min(ready, key=lambda p: p.load) if ready else None

@@ -19,6 +19,7 @@ import time
 from collections import deque
 
 from duplexd.actors.engines.base import EngineError, Thinker, ThinkerInput, ThinkerOutput
+from duplexd.actors.fair_share import FairShare
 from duplexd.actors.worker import StageWorker, WorkerOptions
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.log import get_logger, log
@@ -57,7 +58,10 @@ class Stage0Worker(StageWorker):
         # A session's chunks, with the ContextUpdates that arrived behind them; at rest
         # the head of a queue is always a chunk (leading contexts are applied after a step).
         self.queues: dict[str, deque[AudioChunk | ContextUpdate]] = {}
-        self._rr = 0  # rotates which sessions go first when more than max_batch wait
+        # More sessions waiting than max_batch: each gets its real-time share (fair_share.py).
+        self.fair = FairShare()
+        info = thinker.info
+        self._chunk_s = info.chunk_samples / info.input_rate if info.input_rate > 0 else 0.1
         # Lockstep engines (one step = one frame of every session): see Thinker.
         self.grace_s = thinker.lockstep_grace_s
         self.idle_s = thinker.lockstep_idle_s
@@ -72,6 +76,7 @@ class Stage0Worker(StageWorker):
         self.thinker.open_session(session_id, config)
         self.queues[session_id] = deque()
         self._arrivals[session_id] = deque()
+        self.fair.open(session_id)
         self._report_leases()
 
     def update_session(self, session_id: str, config: SessionConfig) -> None:
@@ -81,6 +86,7 @@ class Stage0Worker(StageWorker):
         self.queues.pop(session_id, None)
         self._arrivals.pop(session_id, None)
         self._last_arrival.pop(session_id, None)
+        self.fair.close(session_id)
         self.thinker.close_session(session_id)
         self._report_leases()
 
@@ -104,6 +110,7 @@ class Stage0Worker(StageWorker):
     def on_data(self, msg: StageData) -> None:
         if isinstance(msg, AudioChunk):
             self.queues[msg.session_id].append(msg)
+            self.fair.arrived(msg.session_id, time.monotonic(), self._chunk_s)
             if self.grace_s > 0:
                 now = time.monotonic()
                 self._arrivals[msg.session_id].append(now)
@@ -149,6 +156,7 @@ class Stage0Worker(StageWorker):
     def _take(self, sid: str) -> AudioChunk:
         chunk = self.queues[sid].popleft()
         assert isinstance(chunk, AudioChunk)  # heads are chunks (see __init__)
+        self.fair.served(sid)
         if self._arrivals.get(sid):
             self._arrivals[sid].popleft()
         return chunk
@@ -163,9 +171,7 @@ class Stage0Worker(StageWorker):
 
     def step(self) -> None:
         waiting = [sid for sid, q in self.queues.items() if q]
-        if len(waiting) > self.max_batch:
-            self._rr = (self._rr + 1) % len(waiting)
-            waiting = (waiting[self._rr :] + waiting[: self._rr])[: self.max_batch]
+        waiting = self.fair.pick(waiting, self.max_batch)
         chunks = [self._take(sid) for sid in waiting]
         t0 = time.perf_counter()
         outputs = self._run(chunks) if chunks or self.thinker.has_background_work() else []

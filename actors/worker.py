@@ -119,7 +119,12 @@ class StageWorker(abc.ABC):
         self._hostname = socket.gethostname()
         QUEUE_DEPTH.labels(queue="stage_held").set_function(lambda: len(self.held))
         self.beacon = Beacon(
-            addrs, self.identity, self.opts.heartbeat_interval_s, self.opts.metrics_interval_s, snapshot
+            addrs,
+            self.identity,
+            self.opts.heartbeat_interval_s,
+            self.opts.metrics_interval_s,
+            snapshot,
+            load=lambda: len(self.epochs),  # len() of a dict is safe to read from the beacon thread
         )
 
     def _new_watch(self) -> HostWatch:

@@ -42,9 +42,10 @@ from websockets.http11 import Request, Response
 from duplexd.adapters.audio import SUPPORTED_RATES, AudioFormat, InputResampler, b64decode, decode
 from duplexd.adapters.bridge_results import DemoChunk, Result, ResultPacer
 from duplexd.adapters.http import json_response
-from duplexd.adapters.link import HostLink, SessionUnavailable
+from duplexd.adapters.link import SessionUnavailable
 from duplexd.adapters.protocol import JSONObject, Listener, ProtocolHandler
 from duplexd.adapters.server import ServerSettings, WebsocketServer
+from duplexd.adapters.sharded_link import AnyLink
 from duplexd.adapters.validation import (
     ClientError,
     bad,
@@ -93,7 +94,7 @@ class BridgeServer(WebsocketServer):
     def __init__(
         self,
         settings: ServerSettings,
-        link: HostLink,
+        link: AnyLink,
         default_session: SessionConfig,
         options: BridgeOptions | None = None,
     ) -> None:

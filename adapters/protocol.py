@@ -24,7 +24,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from duplexd.adapters.audio import AudioFormat, AudioFormatError, InputResampler, decode
-from duplexd.adapters.link import HostLink, SessionLink, SessionUnavailable
+from duplexd.adapters.link import SessionLink, SessionUnavailable
+from duplexd.adapters.sharded_link import AnyLink
 from duplexd.adapters.validation import ClientError
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import (
@@ -70,7 +71,7 @@ SLOW_NOTICE_S = 5.0  # how long a client cut for not reading has to read why (cl
 class Listener(Protocol):
     """What a handler needs of the server that accepted its connection."""
 
-    link: HostLink
+    link: AnyLink
     default_session: SessionConfig
     max_audio_bytes: int
     input_resampler: ResamplerMode

@@ -33,10 +33,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from duplexd.adapters.http import WEB_DIR, json_response, metrics_response, static_response
-from duplexd.adapters.link import HostLink
 from duplexd.adapters.native import NativeHandler
 from duplexd.adapters.protocol import CLOSE_TIMEOUT_S, HandlerFactory, ProtocolHandler
 from duplexd.adapters.realtime import RealtimeHandler
+from duplexd.adapters.sharded_link import AnyLink
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.messages import PROTOCOL_VERSION, Role, SessionConfig
 from duplexd.bus.metrics import RemoteCollector, snapshot, tag
@@ -158,7 +158,7 @@ class WebsocketServer:
     name = "adapter"
 
     def __init__(
-        self, settings: ServerSettings, link: HostLink, default_session: SessionConfig, host: str, port: int
+        self, settings: ServerSettings, link: AnyLink, default_session: SessionConfig, host: str, port: int
     ) -> None:
         self.settings = settings
         self.link = link
@@ -263,7 +263,7 @@ class WebsocketServer:
 class AdapterServer(WebsocketServer):
     """The main port: Realtime and native websockets, health, metrics, browser demo."""
 
-    def __init__(self, settings: ServerSettings, link: HostLink, default_session: SessionConfig) -> None:
+    def __init__(self, settings: ServerSettings, link: AnyLink, default_session: SessionConfig) -> None:
         super().__init__(settings, link, default_session, settings.host, settings.port)
         self.web_dir = Path(settings.web_dir) if settings.web_dir else WEB_DIR
         self.remote_metrics = RemoteCollector()

@@ -7,16 +7,20 @@ from pathlib import Path
 
 import msgspec
 
+from duplexd.bus.curve import CurveConfig
+
 
 class BusAddresses(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Endpoints of the session host's two ROUTER sockets.
 
-    ``ipc://`` on one machine (the default, under ``run_dir``), ``tcp://`` across machines.
+    ``ipc://`` on one machine (the default, under ``run_dir``), ``tcp://`` across machines;
+    ``curve``: CURVE encryption and authentication of the links (bus/curve.py).
     """
 
     control: str
     data: str
     data_hwm: int = 2000
+    curve: CurveConfig = CurveConfig()
 
     def prepare(self) -> None:
         """Create the directories of ipc endpoints; refuse endpoints ZeroMQ can't bind."""

@@ -26,6 +26,7 @@ import zmq
 
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.codec import Encoder
+from duplexd.bus.curve import secure_client
 from duplexd.bus.liveness import BeatSchedule, beacon_identity
 from duplexd.bus.messages import Heartbeat, MetricSample
 
@@ -43,12 +44,14 @@ class Beacon:
         metrics_interval_s: float = 2.0,
         metrics: Callable[[], tuple[MetricSample, ...]] | None = None,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        load: Callable[[], int] | None = None,
     ) -> None:
         self.addrs = addrs
         self.identity = identity
         self.interval_s = interval_s
         self._schedule = BeatSchedule(interval_s, metrics_interval_s)
         self._metrics = metrics
+        self._load = load  # the sessions open in this process, read from the beacon thread
         self._ctx = ctx or zmq.Context.instance()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,6 +73,7 @@ class Beacon:
         sock.setsockopt(zmq.IDENTITY, beacon_identity(self.identity).encode())
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, self.addrs.curve)  # the host refuses any connection without the peer's key
         sock.connect(self.addrs.control)
         enc = Encoder()
         try:
@@ -79,7 +83,9 @@ class Beacon:
                     metrics: tuple[MetricSample, ...] = ()
                     if beat.with_metrics and self._metrics is not None:
                         metrics = self._metrics()
-                    frames: list[Any] = enc.encode(Heartbeat(beat.seq, self.identity, metrics=metrics))
+                    frames: list[Any] = enc.encode(
+                        Heartbeat(beat.seq, self.identity, metrics=metrics, load=self._load() if self._load else -1)
+                    )
                     with contextlib.suppress(zmq.Again):
                         sock.send_multipart(frames, zmq.NOBLOCK)
                         self.sent += 1

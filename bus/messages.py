@@ -262,6 +262,9 @@ class RoleStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     state: str  # ready | starting | dead
     protocol_version: int = PROTOCOL_VERSION
     host: str = ""
+    sessions: int = -1  # stages: sessions this host bound there
+    capacity: int = 0  # stages: sessions it admits (0: no limit)
+    load: int = -1  # stages: sessions open there, as its last heartbeat reported (-1: none yet)
 
 
 class MetricSample(msgspec.Struct, frozen=True, array_like=True):
@@ -315,6 +318,9 @@ class Heartbeat(_Wire, frozen=True, tag="hb"):
     protocol_version: int = PROTOCOL_VERSION
     host_instance: str = ""
     metrics: tuple[MetricSample, ...] = ()
+    # Stages: sessions open on the sender now, across every host it serves (-1: not reported).
+    # With its Hello's max_sessions, the replica's load and capacity as it sees them.
+    load: int = -1
 
 
 class ClusterStatus(_Wire, frozen=True, tag="cluster"):

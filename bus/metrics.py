@@ -86,6 +86,9 @@ HANDOFF_ARRAYS = Counter(
     registry=REGISTRY,
 )
 CONNECTIONS = Gauge("duplexd_ws_connections", "Open websocket connections", ["endpoint"], registry=REGISTRY)
+BUS_PEERS_REFUSED = Counter(
+    "duplexd_bus_peers_refused", "Bus connections refused by CURVE authentication", ["reason"], registry=REGISTRY
+)
 # Reported by the restarted process itself (its role and identity labels say which).
 ROLE_RESTARTS = Counter(
     "duplexd_role_restarts", "Times the supervisor restarted this role (crash or watchdog)", registry=REGISTRY

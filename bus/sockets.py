@@ -23,6 +23,7 @@ import zmq
 
 from duplexd.bus.addresses import BusAddresses
 from duplexd.bus.codec import CodecError, Encoder, control_decoder, data_decoder
+from duplexd.bus.curve import secure_client, secure_server
 from duplexd.bus.liveness import Handshake, HandshakeError
 from duplexd.bus.messages import ControlMessage, DataMessage, Hello, Message, Plane, Ready
 
@@ -192,6 +193,7 @@ def bind_host(addrs: BusAddresses, ctx: zmq.Context[Socket] | None = None) -> Ch
         # A peer that reconnects (host restart, re-handshake) reuses its identity: let the new
         # connection take over instead of being silently dropped as a duplicate.
         s.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        secure_server(s, ctx, addrs.curve)
         s.bind(addr)
     return Channel(ctx, ctl, data, routed=True)
 
@@ -203,6 +205,7 @@ def connect_peer(addrs: BusAddresses, identity: str, ctx: zmq.Context[Socket] | 
     data = _socket(ctx, zmq.DEALER, addrs.data_hwm)
     for s, addr in ((ctl, addrs.control), (data, addrs.data)):
         s.setsockopt(zmq.IDENTITY, identity.encode())
+        secure_client(s, addrs.curve)
         s.connect(addr)
     return Channel(ctx, ctl, data, routed=False)
 
@@ -211,6 +214,13 @@ def say_hello(chan: Channel, hello: Hello) -> None:
     """Hello on both planes: the host routes to us only once it has seen both."""
     chan.send(CONTROL, hello)
     chan.send(DATA, hello)
+
+
+def _try_hello(chan: Channel, hello: Hello) -> None:
+    # No connection yet, or one the host refused (a CURVE key it does not know): nothing is
+    # queued; the next retry says hello again, and the handshake times out with a clear error.
+    with contextlib.suppress(Backpressure):
+        say_hello(chan, hello)
 
 
 def handshake(
@@ -233,7 +243,7 @@ def handshake(
             raise HandshakeError("stopped while waiting for the session host")
         now = time.monotonic()
         if hs.hello_due(now):
-            say_hello(chan, hello)
+            _try_hello(chan, hello)
         ctl_ready, _ = chan.poll(int(min(hs.wait_s(now), 0.25) * 1000) + 1)
         if ctl_ready:
             for r in chan.recv_batch(CONTROL):
@@ -296,7 +306,7 @@ async def handshake_async(
             tick()
         now = time.monotonic()
         if hs.hello_due(now):
-            say_hello(chan, hello)
+            _try_hello(chan, hello)
             waiter.wake()
         ctl_ready, _ = await waiter.wait(min(hs.wait_s(now), 0.25))
         if ctl_ready:

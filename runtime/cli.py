@@ -4,6 +4,7 @@ duplexd serve [--config FILE] [--host H] [--port P] [--engine NAME]
 duplexd run ROLE [--config FILE] [...]      (ROLE: host, stage0, stage1, adapter)
 duplexd check-config [--config FILE]        (secrets are printed as "<redacted>")
 duplexd prepare-models [--config FILE]      (convert the local reply model now, not at first start)
+duplexd curve-keygen DIR NAME               (a CURVE certificate pair for [bus.curve]: DIR/NAME.key{,_secret})
 duplexd --version
 """
 
@@ -17,7 +18,7 @@ import msgspec
 from duplexd.bus.messages import PROTOCOL_VERSION
 from duplexd.runtime import logging as runtime_logging
 from duplexd.runtime import secrets as config_secrets
-from duplexd.runtime.config import ConfigError, full_builtins, load, with_overrides
+from duplexd.runtime.config import ConfigError, full_builtins, load, validate, with_overrides
 
 
 def version_line() -> str:
@@ -45,9 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     common(sub.add_parser("serve", help="run all four roles under the built-in supervisor"))
     run = sub.add_parser("run", help="run one role (for systemd or multi-host)")
     run.add_argument("role", choices=("host", "stage0", "stage1", "adapter"))
+    run.add_argument(
+        "--shard", type=int, help="override host.shard: the entry of bus.hosts a host binds, or a stage serves"
+    )
     common(run)
     common(sub.add_parser("check-config", help="validate a config and print it as JSON (secrets redacted)"))
     common(sub.add_parser("prepare-models", help="convert the cascade's local reply model into the cache now"))
+    keygen = sub.add_parser("curve-keygen", help="write a CURVE certificate pair for [bus.curve]")
+    keygen.add_argument("dir", help="directory for NAME.key (public) and NAME.key_secret (mode 0600)")
+    keygen.add_argument("name", help="e.g. host, stage0-gpu1, adapter-a")
     sub.add_parser("version", help="print versions")
     return p
 
@@ -57,10 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(version_line())
         return 0
+    if args.command == "curve-keygen":
+        from duplexd.bus.curve import keygen
+
+        public, secret = keygen(args.dir, args.name)
+        print(f"public: {public}\nsecret: {secret}")
+        return 0
     # Children of `serve` get the secrets in their environment, not in their config file.
     passed = config_secrets.take_from_env() if args.command == "run" else {}
     try:
         cfg = with_overrides(load(args.config, passed), args.host, args.port, args.engine, args.log_format)
+        if getattr(args, "shard", None) is not None:
+            cfg = validate(msgspec.structs.replace(cfg, host=msgspec.structs.replace(cfg.host, shard=args.shard)))
     except ConfigError as exc:
         print(f"duplexd: config error: {exc}", file=sys.stderr)
         return 2

@@ -15,10 +15,18 @@ import msgspec
 from duplexd.actors.engines.registry import EngineOptions, engine_names
 from duplexd.adapters.server import ServerSettings, check_bind
 from duplexd.bus.addresses import BusAddresses, default_run_dir, ipc_addresses
+from duplexd.bus.curve import CurveConfig
 from duplexd.bus.messages import SessionConfig
 from duplexd.runtime import config_rules
 
 _STRICT = {"frozen": True, "forbid_unknown_fields": True}
+
+
+class HostEndpoints(msgspec.Struct, **_STRICT):
+    """One session host of ``[bus] hosts``: its two ROUTER endpoints."""
+
+    control: str
+    data: str
 
 
 class BusConfig(msgspec.Struct, **_STRICT):
@@ -27,10 +35,15 @@ class BusConfig(msgspec.Struct, **_STRICT):
     run_dir: str = ""  # ipc sockets, config, lock; "" = serve makes a private one per instance
     control: str = ""  # explicit endpoints (e.g. tcp://10.0.0.5:7001) override run_dir
     data: str = ""
+    # Sharded session hosts: every process lists all of them, in the same order; a host binds
+    # entry [host] shard and the stages of that shard serve it; adapters reach every host and
+    # send each session to its owner by id (bus/shards.py).
+    hosts: tuple[HostEndpoints, ...] = ()
     data_hwm: int = 2000
     handshake_timeout_s: float = 30.0
     heartbeat_interval_s: float = 0.1
     heartbeat_timeout_s: float = 0.75  # a peer silent this long is dead (beats come from a thread)
+    curve: CurveConfig = CurveConfig()  # [bus.curve]: encryption + authentication of the links
 
 
 class HostConfig(msgspec.Struct, **_STRICT):
@@ -39,6 +52,7 @@ class HostConfig(msgspec.Struct, **_STRICT):
     vad: str = "silero"  # silero | energy
     max_input_buffer_ms: int = 15 * 60 * 1000
     continuation_pace: float = 1.0
+    shard: int = 0  # the entry of [bus] hosts a host binds and a stage serves (run ROLE --shard N)
     max_sessions: int = 0  # admission: sessions this node holds (0: no node limit; stage limits still apply)
     backlog_audio_ms: int = 3000  # a session's audio waiting for a full adapter queue before its response fails
     backlog_events: int = 2000  # ... or its events, before the session (with no response) is closed
@@ -84,10 +98,20 @@ class Config(msgspec.Struct, **_STRICT):
     supervisor: SupervisorConfig = SupervisorConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    def host_addresses(self) -> list[BusAddresses]:
+        """Every session host's endpoints: ``[bus] hosts``, else the one host."""
+        b = self.bus
+        if b.hosts:
+            return [BusAddresses(h.control, h.data, b.data_hwm, b.curve) for h in b.hosts]
+        return [self.addresses()]
+
     def addresses(self) -> BusAddresses:
+        """The session host's endpoints (with ``[bus] hosts``: those of ``[host] shard``)."""
+        if self.bus.hosts:
+            return self.host_addresses()[min(self.host.shard, len(self.bus.hosts) - 1)]
         if self.bus.control and self.bus.data:
-            return BusAddresses(self.bus.control, self.bus.data, self.bus.data_hwm)
-        return ipc_addresses(self.run_dir(), self.bus.data_hwm)
+            return BusAddresses(self.bus.control, self.bus.data, self.bus.data_hwm, self.bus.curve)
+        return msgspec.structs.replace(ipc_addresses(self.run_dir(), self.bus.data_hwm), curve=self.bus.curve)
 
     def run_dir(self) -> str:
         return self.bus.run_dir or default_run_dir(self.server.port)
@@ -112,6 +136,19 @@ def validate(cfg: Config) -> Config:
     problems = config_rules.check(cfg)
     if bool(cfg.bus.control) != bool(cfg.bus.data):
         problems.append("bus.control and bus.data must be set together")
+    if cfg.bus.hosts and cfg.bus.control:
+        problems.append("bus.hosts replaces bus.control/bus.data: set one or the other")
+    if cfg.host.shard >= max(1, len(cfg.bus.hosts)):
+        problems.append(f"host.shard {cfg.host.shard} is not an entry of bus.hosts ({len(cfg.bus.hosts)} listed)")
+    endpoints = [e for h in cfg.bus.hosts for e in (h.control, h.data)]
+    if len(set(endpoints)) != len(endpoints):
+        problems.append("bus.hosts: every host needs endpoints of its own")
+    for i, h in enumerate(cfg.bus.hosts):
+        for key, value in (("control", h.control), ("data", h.data)):
+            bad = config_rules.ENDPOINT.check(value)
+            if bad is not None:
+                problems.append(f"bus.hosts[{i}].{key}: {bad}")
+    problems += cfg.bus.curve.problems()
     if cfg.bus.heartbeat_timeout_s <= cfg.bus.heartbeat_interval_s:
         problems.append("bus.heartbeat_timeout_s must be longer than bus.heartbeat_interval_s")
     if 0 < cfg.server.max_message_bytes < 1024:

@@ -25,6 +25,7 @@ from duplexd.actors.stage1 import Stage1Worker
 from duplexd.actors.worker import StageWorker, WorkerOptions, run_worker_forever
 from duplexd.adapters.link import EgressLimits, HostLink
 from duplexd.adapters.server import AdapterServer
+from duplexd.adapters.sharded_link import AnyLink, ShardedLink
 from duplexd.bus.log import get_logger, log
 from duplexd.bus.metrics import ROLE_RESTARTS
 from duplexd.runtime import sdnotify
@@ -174,13 +175,18 @@ def run_adapter(cfg: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         s = cfg.server
-        link = HostLink(
-            cfg.addresses(),
-            b.handshake_timeout_s,
-            b.heartbeat_interval_s,
-            b.heartbeat_timeout_s,
-            egress=EgressLimits(s.slow_client_audio_ms, s.slow_client_events),
-        )
+        hosts = cfg.host_addresses()
+        egress = EgressLimits(s.slow_client_audio_ms, s.slow_client_events)
+        link: AnyLink
+        if len(hosts) > 1:
+            # Sharded session hosts: each session goes to the host that owns its id.
+            link = ShardedLink(
+                hosts, b.handshake_timeout_s, b.heartbeat_interval_s, b.heartbeat_timeout_s, egress=egress
+            )
+        else:
+            link = HostLink(
+                hosts[0], b.handshake_timeout_s, b.heartbeat_interval_s, b.heartbeat_timeout_s, egress=egress
+            )
         link.on_turn = Watchdog().ping
         await link.start()
         server = AdapterServer(cfg.server, link, cfg.session)

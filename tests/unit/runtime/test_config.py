@@ -243,3 +243,30 @@ def test_make_run_takes_port_host_and_config() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1].endswith("serve --config my.toml --port 8123 --host 127.0.0.2")
+
+
+def test_sharded_hosts_list_their_endpoints_and_each_host_binds_its_own(tmp_path: Path) -> None:
+    text = (
+        "[bus]\nhosts = [{control = 'tcp://10.0.0.5:7001', data = 'tcp://10.0.0.5:7002'},"
+        " {control = 'tcp://10.0.0.6:7001', data = 'tcp://10.0.0.6:7002'}]\n[host]\nshard = 1\n"
+    )
+    cfg = load(_write(tmp_path, text))
+    assert [a.control for a in cfg.host_addresses()] == ["tcp://10.0.0.5:7001", "tcp://10.0.0.6:7001"]
+    assert cfg.addresses().data == "tcp://10.0.0.6:7002"
+    with pytest.raises(ConfigError, match="not an entry of bus.hosts"):
+        load(_write(tmp_path, text.replace("shard = 1", "shard = 2")))
+    with pytest.raises(ConfigError, match="endpoints of its own"):
+        load(_write(tmp_path, text.replace("10.0.0.6:7001", "10.0.0.5:7001")))
+    with pytest.raises(ConfigError, match=r"bus.hosts\[0\].data"):
+        load(_write(tmp_path, text.replace("tcp://10.0.0.5:7002", "udp://x")))
+    assert load(None).host_addresses() == [load(None).addresses()]
+
+
+def test_run_host_shard_flag_is_checked(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "duplexd.runtime.cli", "run", "host", "--shard", "3"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2 and "host.shard 3" in out.stderr

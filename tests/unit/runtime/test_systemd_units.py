@@ -58,3 +58,31 @@ def test_unit_does_not_restart_a_role_that_cannot_start(role: str) -> None:
     from duplexd.runtime.preflight import EXIT_NO_RESTART
 
     assert _unit(role)["Service"]["RestartPreventExitStatus"] == str(EXIT_NO_RESTART)
+
+
+def _template(role: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read(UNITS / f"duplexd-{role}@.service")
+    return cp
+
+
+@pytest.mark.parametrize(
+    ("role", "instance_use"),
+    [
+        ("host", "--shard %i"),
+        ("adapter", "--port %i"),
+        ("stage0", "Environment=CUDA_VISIBLE_DEVICES=%i"),
+        ("stage1", "Environment=CUDA_VISIBLE_DEVICES=%i"),
+    ],
+)
+def test_multihost_templates_run_one_role_per_instance(role: str, instance_use: str) -> None:
+    u = _template(role)
+    svc = u["Service"]
+    assert svc["Type"] == "notify" and svc["ExecStart"].split()[1:3] == ["run", role]
+    lines = (UNITS / f"duplexd-{role}@.service").read_text().splitlines()
+    assert any(instance_use in ln for ln in lines if ln.startswith(("ExecStart=", "Environment=")))
+    # Roles of other machines are not pulled in; each instance has its own runtime dir.
+    assert "Wants" not in u["Unit"] or u["Unit"]["Wants"] == "network-online.target"
+    assert svc["RuntimeDirectory"] == "duplexd-%i"
+    assert u["Install"]["WantedBy"] == "duplexd-multihost.target"
