@@ -324,9 +324,7 @@ class StageWorker(abc.ABC):
             wait = self.opts.heartbeat_interval_s if due is None else min(due, self.opts.heartbeat_interval_s)
             timeout_ms = max(0, int(wait * 1000))
         chan.poll(timeout_ms)
-        for rc in chan.recv_batch(CONTROL):
-            BUS_MESSAGES.labels(plane="control").inc()
-            self._on_control(rc.msg)
+        self._read_control()
         # Judged after reading control: a long step must not make the host look silent.
         dead = self.watch.dead(time.monotonic(), self._hostname, process_exited)
         if dead is not None:
@@ -334,7 +332,14 @@ class StageWorker(abc.ABC):
         for rd in chan.recv_batch(DATA, self.opts.max_data):
             BUS_MESSAGES.labels(plane="data").inc()
             msg = rd.msg
-            if isinstance(msg, StageData) and self.is_current(msg.session_id, msg.epoch):
+            if not isinstance(msg, StageData):
+                continue
+            if msg.session_id not in self.epochs:
+                # Data is read lazily, behind on_data calls that may take a while (a long
+                # reply rendered at once): the StageOpen of a session opened meanwhile can
+                # be waiting on control. Dropping its data would orphan the response.
+                self._read_control()
+            if self.is_current(msg.session_id, msg.epoch):
                 self.on_data(msg)
         if chan.bad_frames.count != self._bad_frames_seen:
             BUS_BAD_FRAMES.inc(chan.bad_frames.count - self._bad_frames_seen)
@@ -344,6 +349,12 @@ class StageWorker(abc.ABC):
             self._send_held()
         if not self.held and self.has_work():
             self.step()
+
+    def _read_control(self) -> None:
+        assert self.chan is not None
+        for rc in self.chan.recv_batch(CONTROL):
+            BUS_MESSAGES.labels(plane="control").inc()
+            self._on_control(rc.msg)
 
     def _shutdown(self, reason: str = "shutdown", fatal: bool = False) -> None:
         if self.chan is None:
