@@ -177,7 +177,11 @@ async def test_operator_metrics(scripted_server: ServerProcess) -> None:
     conns = 'duplexd_ws_connections{{endpoint="{}",identity="{}",role="adapter"}}'
     adapter = next(r["identity"] for r in scripted_server.health()[1]["roles"] if r["role"] == "adapter")
     before = await asyncio.to_thread(_metrics, scripted_server)
-    eos = _sample(before, 'duplexd_speech_end_to_first_audio_seconds_count{identity="host",role="host"}')
+    eos_series = 'duplexd_speech_end_to_first_audio_seconds_count{identity="host",role="host"}'
+    done_series = 'duplexd_responses_total{identity="host",role="host",status="completed"}'
+    # Both from one host snapshot (it ships every couple of seconds, so it may lag): whatever
+    # turns it already counts, the end-of-speech histogram counts them too.
+    eos, done = _sample(before, eos_series), _sample(before, done_series)
     c = await _manual(scripted_server)
     rt = await RealtimeClient.connect(scripted_server)
     assert (await _full_turn(c))["response"]["status"] == "completed"
@@ -188,7 +192,7 @@ async def test_operator_metrics(scripted_server: ServerProcess) -> None:
             r: _sample(text, f'process_resident_memory_bytes{{identity="{i}",role="{r}"}}')
             for r, i in ((x["role"], x["identity"]) for x in scripted_server.health()[1]["roles"])
         }
-        if all(v > 0 for v in rss.values()) and 'duplexd_stage_step_seconds_count{identity="stage1' in text:
+        if all(v > 0 for v in rss.values()) and _sample(text, done_series) >= done + 1:
             break
         assert time.monotonic() < deadline, rss
         await asyncio.sleep(0.3)
@@ -199,7 +203,8 @@ async def test_operator_metrics(scripted_server: ServerProcess) -> None:
         assert _sample(text, series) >= _sample(before, series) + 1, endpoint
     for queue in ("host_adapter_backlog", "adapter_egress", "stage0_input", "stage_held"):
         assert f'queue="{queue}"' in text, queue
-    assert _sample(text, 'duplexd_speech_end_to_first_audio_seconds_count{identity="host",role="host"}') >= eos + 1
+    assert _sample(text, eos_series) - eos >= _sample(text, done_series) - done  # one per answered turn
+    assert 'duplexd_stage_step_seconds_count{identity="stage1' in text
     await rt.close()
     await c.close()
 
