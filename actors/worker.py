@@ -337,12 +337,7 @@ class StageWorker(abc.ABC):
             wait = self.opts.heartbeat_interval_s if due is None else min(due, self.opts.heartbeat_interval_s)
             timeout_ms = max(0, int(wait * 1000))
         chan.poll(timeout_ms)
-        received = 0
-        for rc in chan.recv_batch(CONTROL):
-            received += 1
-            self._on_control(rc.msg)
-        if received:
-            BUS_CONTROL_MESSAGES.inc(received)  # one increment per batch, not per message
+        self._read_control()
         # Judged after reading control: a long step must not make the host look silent.
         dead = self.watch.dead(time.monotonic(), self._hostname, process_exited)
         if dead is not None:
@@ -351,7 +346,14 @@ class StageWorker(abc.ABC):
         for rd in chan.recv_batch(DATA, self.opts.max_data):
             received += 1
             msg = rd.msg
-            if isinstance(msg, StageData) and self.is_current(msg.session_id, msg.epoch):
+            if not isinstance(msg, StageData):
+                continue
+            if msg.session_id not in self.epochs:
+                # Data is read lazily, behind on_data calls that may take a while (a long
+                # reply rendered at once): the StageOpen of a session opened meanwhile can
+                # be waiting on control. Dropping its data would orphan the response.
+                self._read_control()
+            if self.is_current(msg.session_id, msg.epoch):
                 self.on_data(msg)
         if received:
             BUS_DATA_MESSAGES.inc(received)
@@ -363,6 +365,15 @@ class StageWorker(abc.ABC):
             self._send_held()
         if not self.held and self.has_work():
             self.step()
+
+    def _read_control(self) -> None:
+        assert self.chan is not None
+        received = 0
+        for rc in self.chan.recv_batch(CONTROL):
+            received += 1
+            self._on_control(rc.msg)
+        if received:
+            BUS_CONTROL_MESSAGES.inc(received)  # one increment per batch, not per message
 
     def _shutdown(self, reason: str = "shutdown", fatal: bool = False) -> None:
         if self.chan is None:

@@ -65,7 +65,7 @@ CLOSE_CODES: dict[CloseCause, int] = {
     CloseCause.SHUTDOWN: 1001,
 }
 CLOSE_TIMEOUT_S = 2.0  # a close frame that cannot leave in this long: the connection is aborted
-SLOW_NOTICE_S = 5.0  # how long a client cut for not reading has to read why (client_too_slow)
+SLOW_NOTICE_S = 10.0  # how long a client cut for not reading has to read why (client_too_slow)
 
 
 class Listener(Protocol):

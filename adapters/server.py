@@ -75,9 +75,11 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # the audio_too_large error event (a frame above the limit can only close the socket, 1009).
 _FRAME_SLACK = 1024 * 1024
 # The kernel's send buffer per client connection, fixed (no autotuning to megabytes): what a
-# client that stops reading can leave unread there stays small (Linux doubles it: ~4 s of
-# base64 pcm16 at 24 kHz), so the slow-client bound in the adapter sees it soon.
-CLIENT_SNDBUF = 128 * 1024
+# client that stops reading can leave unread there stays small (Linux doubles it: ~1 s of
+# base64 pcm16 at 24 kHz, still ten times the stream's rate at 100 ms RTT), so the
+# slow-client bound in the adapter sees it soon and its client_too_slow error is not stuck
+# behind seconds of audio.
+CLIENT_SNDBUF = 32 * 1024
 
 
 def frame_limit(settings: ServerSettings) -> int:
@@ -149,6 +151,9 @@ async def serve_ws(
         compression=None,  # audio does not deflate; compression only adds latency
         ping_interval=settings.ping_interval_s or None,
         ping_timeout=settings.ping_timeout_s or None,
+        # A peer that stops answering (half-open TCP, ping timeout) will not answer the
+        # closing handshake either: abort soon instead of holding it 10 s (the default).
+        close_timeout=CLOSE_TIMEOUT_S,
     )
 
 

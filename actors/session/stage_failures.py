@@ -1,4 +1,5 @@
-"""Stage failures: errors, lost stages and their return, sends the host could not make.
+"""Stage failures: errors, lost stages and their return, sends the host could not make, and
+a client the host cannot deliver to in time.
 
 A stage error about current work fails the response in progress (epoch advanced, named in
 the error event); one about an older epoch is only reported. A stage that refuses the

@@ -126,3 +126,28 @@ async def test_a_stalled_adapter_fails_its_responses_visibly_and_the_sessions_go
             done = await c.wait_for("response.done", start=m, within_s=20)
             assert done["response"]["status"] == "completed"
             await c.close()
+
+
+async def test_sessions_opened_while_stage1_renders_long_replies_all_get_audio() -> None:
+    """Stage workers read data lazily, behind on_data calls that can take a while (here each
+    handoff renders two minutes of audio at once). A session opened meanwhile had its
+    handoff read before its StageOpen (still unread on control) and dropped: response.created,
+    then nothing, forever (8 of 10 sessions in the run that found it)."""
+    sections: dict[str, dict[str, Any]] = {
+        "engines.scripted": {"reply_ms": 120000, "out_chunk_ms": 40},
+        "stage1": {"max_lead_ms": 1500},
+        "host": {"vad": "energy"},
+    }
+    with ServerProcess(sections=sections) as server:
+        clients = []
+        for _ in range(10):  # back to back: each opens while stage1 renders the last reply
+            c = await RealtimeClient.connect(server)
+            await c.send({"type": "session.update", "session": {"turn_detection": None}})
+            await c.manual_turn(tone(300, amp=0.3))
+            clients.append(c)
+        firsts = await asyncio.gather(
+            *(c.wait_for("response.output_audio.delta", within_s=20) for c in clients), return_exceptions=True
+        )
+        silent = [i for i, f in enumerate(firsts) if isinstance(f, BaseException)]
+        assert silent == [], f"sessions {silent} never got audio"
+        await asyncio.gather(*(c.close() for c in clients))

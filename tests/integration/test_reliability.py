@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from duplexd.bus.messages import PROTOCOL_VERSION, Hello, Refused, Role
-from tests.harness import NativeClient, ServerProcess, tone
+from tests.harness import NativeClient, RealtimeClient, ServerProcess, tone
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -169,6 +169,44 @@ async def test_metrics_cover_every_role(scripted_server: ServerProcess) -> None:
     # One exposition: every family's metadata appears once (Prometheus rejects duplicates).
     help_lines = [line for line in text.splitlines() if line.startswith("# HELP")]
     assert len(help_lines) == len(set(help_lines))
+
+
+async def test_operator_metrics(scripted_server: ServerProcess) -> None:
+    """What an operator graphs: process CPU/RSS of every role, connections by protocol,
+    queue depths, per-stage step time, end of speech to first audio."""
+    conns = 'duplexd_ws_connections{{endpoint="{}",identity="{}",role="adapter"}}'
+    adapter = next(r["identity"] for r in scripted_server.health()[1]["roles"] if r["role"] == "adapter")
+    before = await asyncio.to_thread(_metrics, scripted_server)
+    eos_series = 'duplexd_speech_end_to_first_audio_seconds_count{identity="host",role="host"}'
+    done_series = 'duplexd_responses_total{identity="host",role="host",status="completed"}'
+    # Both from one host snapshot (it ships every couple of seconds, so it may lag): whatever
+    # turns it already counts, the end-of-speech histogram counts them too.
+    eos, done = _sample(before, eos_series), _sample(before, done_series)
+    c = await _manual(scripted_server)
+    rt = await RealtimeClient.connect(scripted_server)
+    assert (await _full_turn(c))["response"]["status"] == "completed"
+    deadline = time.monotonic() + 10
+    while True:
+        text = await asyncio.to_thread(_metrics, scripted_server)
+        rss = {
+            r: _sample(text, f'process_resident_memory_bytes{{identity="{i}",role="{r}"}}')
+            for r, i in ((x["role"], x["identity"]) for x in scripted_server.health()[1]["roles"])
+        }
+        if all(v > 0 for v in rss.values()) and _sample(text, done_series) >= done + 1:
+            break
+        assert time.monotonic() < deadline, rss
+        await asyncio.sleep(0.3)
+    assert len(rss) == 4 and all(v > 10e6 for v in rss.values()), rss
+    assert "process_cpu_seconds_total{" in text
+    for endpoint in ("duplex", "realtime"):  # the native protocol and the Realtime one
+        series = conns.format(endpoint, adapter)
+        assert _sample(text, series) >= _sample(before, series) + 1, endpoint
+    for queue in ("host_adapter_backlog", "adapter_egress", "stage0_input", "stage_held"):
+        assert f'queue="{queue}"' in text, queue
+    assert _sample(text, eos_series) - eos >= _sample(text, done_series) - done  # one per answered turn
+    assert 'duplexd_stage_step_seconds_count{identity="stage1' in text
+    await rt.close()
+    await c.close()
 
 
 def _metrics(server: ServerProcess) -> str:

@@ -18,12 +18,7 @@ import websockets
 
 from tests.harness import ServerProcess, pcm16, tone
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    # Work in progress on the reliability branch (issue 15): the bound and the keepalive are
-    # being finished; these tests are expected to pass before the branch is merged.
-    pytest.mark.xfail(reason="slow-client bound still in progress (issue 15)", strict=False),
-]
+pytestmark = pytest.mark.timeout(120)
 
 NON_READERS = 10
 RUN_S = 20.0

@@ -146,3 +146,32 @@ def test_reset_drops_speech_state() -> None:
     det.reset(0)
     assert not det.speaking
     assert run(det, zeros(1000, 16000), 16000) == []  # no stop for a speech it no longer knows
+
+
+# ---------------------------------------------------------------- pooled model contexts
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_dropped_detectors_give_their_model_back_and_memory_stays_at_the_peak() -> None:
+    """Rounds of 100 sessions' detectors: the contexts of one round serve the next
+    (unpooled, each round left ~250 MB behind that the next did not reuse)."""
+    from duplexd.actors.silero_pool import POOL
+
+    speech = np.concatenate([zeros(300), load("hello"), zeros(800)])
+    window = np.zeros(512 * 3, np.float32)
+    rss: list[float] = []
+    loaded: list[int] = []
+    for _ in range(3):
+        dets = [SileroDetector(0.5, 500) for _ in range(100)]
+        for d in dets:
+            d.feed(window, 16000)  # each context runs (its compute buffers are in use)
+        del dets, d
+        rss.append(_rss_mb())
+        loaded.append(POOL.loaded)
+    assert loaded[2] == loaded[0], loaded  # rounds 2 and 3 made no new context
+    assert rss[2] - rss[0] < 30, rss
+    # A context given back is reset: a reused detector hears exactly what a fresh one does.
+    fresh = run(SileroDetector(0.5, 500), speech)
+    assert fresh and run(SileroDetector(0.5, 500), speech) == fresh

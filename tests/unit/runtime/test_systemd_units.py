@@ -86,3 +86,51 @@ def test_multihost_templates_run_one_role_per_instance(role: str, instance_use: 
     assert "Wants" not in u["Unit"] or u["Unit"]["Wants"] == "network-online.target"
     assert svc["RuntimeDirectory"] == "duplexd-%i"
     assert u["Install"]["WantedBy"] == "duplexd-multihost.target"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_ordering_on_network_online_also_wants_it(role: str) -> None:
+    # After= alone orders against a target nobody pulls in: it is then reached at once.
+    u = _unit(role)["Unit"]
+    after, wants = u.get("After", "").split(), u.get("Wants", "").split()
+    assert "network-online.target" not in after or "network-online.target" in wants
+    if role in ("host", "adapter"):  # they bind sockets on configured addresses
+        assert "network-online.target" in after
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_unit_has_a_watchdog(role: str) -> None:
+    # The role pings at a quarter of WATCHDOG_USEC (runtime/watchdog.py); systemd sets it from this.
+    assert int(_unit(role)["Service"]["WatchdogSec"]) >= 5
+
+
+def _security_offline_supported() -> bool:
+    if shutil.which("systemd-analyze") is None:
+        return False
+    out = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True, check=False)
+    try:
+        return int(out.stdout.split()[1]) >= 250  # --offline= came with 250
+    except (IndexError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(not _security_offline_supported(), reason="systemd-analyze security --offline needs systemd >= 250")
+@pytest.mark.parametrize(
+    "unit",
+    [f"duplexd-{r}.service" for r in ROLES]  # one machine
+    + ["duplexd-host@0.service", "duplexd-adapter@8000.service"]  # several machines: templates
+    + ["duplexd-stage0@0.service", "duplexd-stage1@1.service"],
+)
+def test_unit_is_rated_ok_by_systemd_analyze_security(unit: str, tmp_path: Path) -> None:
+    for src in UNITS.iterdir():
+        (tmp_path / src.name).write_text(src.read_text())
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", unit],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    last = out.stdout.strip().splitlines()[-1]
+    score = float(last.split(":")[1].split()[0])
+    assert score <= 3.0, out.stdout[-3000:]
