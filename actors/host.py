@@ -565,6 +565,7 @@ class SessionHost:
         b = self.sessions.pop(sid, None)
         if b is None:
             return
+        b.actor.release()
         for ident in (b.adapter, b.stage0, b.stage1):
             if ident is not None and ident in self.peers:
                 self.peers[ident].sessions.discard(sid)

@@ -58,6 +58,10 @@ class SpeechDetector(abc.ABC):
         self.last_prob = 0.0
         self.windows = 0  # windows scored (metrics, tests)
 
+    def release(self) -> None:
+        """The session is over: give back what the detector holds (it is not used again)."""
+        return None  # nothing by default
+
     @abc.abstractmethod
     def _prob(self, window: np.ndarray) -> float:
         """Speech probability of one 512-sample window at 16 kHz."""
@@ -148,8 +152,14 @@ class SileroDetector(SpeechDetector):
 
         self._model = POOL.take()
         self._model.reset()
-        # The finalizer holds the model, not the detector: it runs when the detector goes.
-        weakref.finalize(self, POOL.give_back, self._model)
+        # The finalizer holds the model, not the detector: it runs when the detector goes,
+        # or at release() (the session's parts reference each other: they go only with a
+        # garbage collection, and the next sessions would not find the context in the pool).
+        self._give_back = weakref.finalize(self, POOL.give_back, self._model)
+
+    def release(self) -> None:
+        self._give_back()
+        self._model = None  # given back: another session may own it now
 
     def reset(self, pos_ms: float | None = None) -> None:
         super().reset(pos_ms)

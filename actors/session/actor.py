@@ -260,9 +260,15 @@ class SessionActor:
         if self.lifecycle.response is not None:
             self.lifecycle.finish(ResponseStatus.CANCELLED, now, reason="session_closed")
         c.closed = True
+        self.release()
         c.emit(Dest.STAGE0, StageClose(c.session_id, c.epoch), "control")
         c.emit(Dest.STAGE1, StageClose(c.session_id, c.epoch), "control")
         c.event(SessionClosed(c.session_id, c.epoch, reason, cause=cause))
+
+    def release(self) -> None:
+        """Give back what the session holds outside itself (its VAD context); idempotent."""
+        if self.turns.detector is not None:
+            self.turns.detector.release()
 
     # ================================================================== adapter commands (data plane, in order)
     def on_command(self, msg: ClientCommand, now: float) -> None:
