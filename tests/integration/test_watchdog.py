@@ -195,9 +195,11 @@ async def test_supervisor_kills_a_stuck_role_and_restarts_it() -> None:
         await c.stream(tone(200), frame_ms=200)
         await c.send({"type": "input_audio_buffer.commit"})
         await c.send({"type": "response.create"})
-        # The 6 s step outlasts the 1.5 s watchdog: killed, so the session hears of it.
-        err = await c.wait_for("error", within_s=15)
-        assert err["error"]["code"] == "stage_unavailable"
+        # The 6 s step outlasts the 1.5 s watchdog: killed, so the session hears of it. Before
+        # the kill the stuck stage may refuse input it cannot read (an 'overloaded' error:
+        # true, and nothing else may come).
+        await c.wait_for(lambda e: e["type"] == "error" and e["error"]["code"] == "stage_unavailable", within_s=15)
+        assert {e["error"]["code"] for e in c.of("error")} <= {"stage_unavailable", "overloaded"}, c.of("error")
         assert "role hung (no watchdog ping); killing it" in server.logs()
         deadline = time.monotonic() + 30
         while True:

@@ -19,9 +19,16 @@ and the special rows; later units carry the new ``REPLY`` rows.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from duplexd.actors.engines.base import EngineError
+
+if TYPE_CHECKING:
+    from duplexd.actors.engines.qwen_omni.thinker_session import ThinkerSession
 
 CONTEXT = 0
 REPLY = 1
@@ -47,3 +54,43 @@ def from_wire(arr: np.ndarray, device: torch.device, dtype: torch.dtype) -> torc
     if arr.dtype == np.int16:
         t = t.view(torch.bfloat16)
     return t.to(device=device, dtype=dtype, copy=True)
+
+
+def pending_unit(
+    s: ThinkerSession,
+    rows: torch.Tensor,
+    base: int,
+    context_id: Callable[[int], int],
+    special_rows: np.ndarray,
+    special_tokens: np.ndarray,
+) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """Text, tokens and rows of what ``s`` has not handed off yet: the prompt's rows (positions
+    before ``base``, where the reply's body starts) on a reply's first unit, then a row per fed
+    reply token. ``rows`` is the session's row store [positions, hidden]; ``context_id`` gives
+    the prompt's token id at a position."""
+    r = s.reply
+    assert r is not None and r.pieces is not None
+    positions: list[int] = []
+    tokens: list[list[int]] = []
+    if not s.sent_context:
+        positions = list(range(base))
+        tokens = [[context_id(p), p, CONTEXT, 0] for p in positions]
+    pieces = [r.pieces.pieces[i] for i in s.unsent]
+    for i, piece in zip(s.unsent, pieces, strict=True):
+        positions.append(base + i)
+        tokens.append([r.body[i], base + i, REPLY, len(piece)])
+    text = "".join(pieces) + s.extra_text
+    s.extra_text = ""
+    s.unsent.clear()
+    if not positions:
+        return text, None, None
+    if positions[-1] >= rows.shape[0]:
+        raise EngineError(f"row store holds {rows.shape[0]} positions, the handoff needs {positions[-1] + 1}",
+                          s.sid, "engine_error")
+    out = to_wire(rows[torch.tensor(positions, device=rows.device)])
+    tok = np.array(tokens, dtype=np.int32)
+    if not s.sent_context:
+        s.sent_context = True
+        out = np.concatenate([out, special_rows])
+        tok = np.concatenate([tok, special_tokens])
+    return text, tok, out

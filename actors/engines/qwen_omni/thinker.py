@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -157,7 +158,12 @@ class QwenOmniThinker(Thinker):
             GRAPHS.labels(stage="stage0", state="failed").set(int(bool(self.graphs.failed)))
             log(_log, logging.INFO, "qwen-omni thinker graphs captured", graphs=len(self.graphs), of=n,
                 capture_s=round(self.graphs.capture_s, 2), failed=self.graphs.failed or None)
-        # One throwaway turn through every phase (mel, encoder, prefill, decode, handoff rows).
+        self._throwaway_turn(lambda j, s: setattr(s, "max_tokens", min(s.max_tokens, 4)))
+        log(_log, logging.INFO, "qwen-omni thinker warm", warm_up_s=round(time.perf_counter() - t0, 2))
+
+    def _throwaway_turn(self, each_step: Callable[[int, ThinkerSession], object]) -> None:
+        """One throwaway turn through every phase (mel, encoder, prefill, decode, handoff rows);
+        ``each_step`` runs after every reply step (j, the session)."""
         sid = "__warm_up__"
         self.open_session(sid, SessionConfig())
         s = self._s[sid]
@@ -171,12 +177,11 @@ class QwenOmniThinker(Thinker):
         for j in range(64):
             out = self.step([ThinkerInput(sid, 100 + j, ChunkKind.CONTINUATION, np.zeros(n, np.float32),
                                           response_id="warm")])[0]
-            s.max_tokens = min(s.max_tokens, 4)
+            each_step(j, s)
             if out.end_of_turn or (s.reply is not None and s.reply.complete and s.eot_sent):
                 break
         self.close_session(sid)
         self._closed.clear()
-        log(_log, logging.INFO, "qwen-omni thinker warm", warm_up_s=round(time.perf_counter() - t0, 2))
 
     # ================================================================== sessions
     def open_session(self, session_id: str, config: SessionConfig) -> None:
@@ -600,34 +605,12 @@ class QwenOmniThinker(Thinker):
 
     def _unit(self, s: ThinkerSession) -> tuple[str, np.ndarray | None, np.ndarray | None]:
         """The handoff rows not sent yet (see handoff.py)."""
-        torch = self.torch
         r = s.reply
-        assert r is not None and r.pieces is not None
+        assert r is not None
         slot = self.leases.leases[s.sid].slot
         assert slot is not None
-        positions: list[int] = []
-        tokens: list[list[int]] = []
-        if not s.sent_context:
-            ctx_end = s.ctx.body_start(r)
-            positions = list(range(ctx_end))
-            tokens = [[int(self.ids[slot, p]), p, hf.CONTEXT, 0] for p in positions]
-        base = s.ctx.body_start(r)
-        pieces = [r.pieces.pieces[i] for i in s.unsent]
-        for i, piece in zip(s.unsent, pieces, strict=True):
-            positions.append(base + i)
-            tokens.append([r.body[i], base + i, hf.REPLY, len(piece)])
-        text = "".join(pieces) + s.extra_text
-        s.extra_text = ""
-        s.unsent.clear()
-        if not positions:
-            return text, None, None
-        rows = hf.to_wire(self.rows[slot, torch.tensor(positions, device=self.device)])
-        tok = np.array(tokens, dtype=np.int32)
-        if not s.sent_context:
-            s.sent_context = True
-            rows = np.concatenate([rows, self.special_rows])
-            tok = np.concatenate([tok, self.special_tokens])
-        return text, tok, rows
+        return hf.pending_unit(s, self.rows[slot], s.ctx.body_start(r), lambda p: int(self.ids[slot, p]),
+                               self.special_rows, self.special_tokens)
 
     # ------------------------------------------------------------------ duplex
     def _live(self, s: ThinkerSession, x: ThinkerInput) -> None:

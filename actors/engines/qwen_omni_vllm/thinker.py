@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from duplexd.actors.engines.base import EngineError, ThinkerInput
+from duplexd.actors.engines.base import EngineError
 from duplexd.actors.engines.qwen_omni import handoff as hf
 from duplexd.actors.engines.qwen_omni.context import Kind, Turn
 from duplexd.actors.engines.qwen_omni.lease import NoSlotFree
@@ -56,7 +56,7 @@ from duplexd.actors.engines.qwen_omni.thinker import QwenOmniThinker
 from duplexd.actors.engines.qwen_omni.thinker_session import ThinkerSession
 from duplexd.actors.engines.qwen_omni_vllm.metrics import LEASE_CACHED, PROMPT_TOKENS, REQUESTS, RUNNING
 from duplexd.bus.log import get_logger, log
-from duplexd.bus.messages import ChunkKind, HistoryEntry, KvLease, SessionConfig
+from duplexd.bus.messages import HistoryEntry, KvLease, SessionConfig
 
 _log = get_logger(__name__)
 ITEM_SAMPLES = 2 * RATE  # one audio item per encoder window (2 s)
@@ -175,25 +175,8 @@ class VllmQwenThinker(QwenOmniThinker):
         if not self.opts.warm_up:
             return
         t0 = time.perf_counter()
-        sid = "__warm_up__"
-        self.open_session(sid, SessionConfig())
-        s = self._s[sid]
-        rng = np.random.default_rng(0)
-        audio = (0.05 * rng.standard_normal(int(RATE * 2.3))).astype(np.float32)
-        n = self.info.chunk_samples
-        chunks = [audio[i : i + n] for i in range(0, audio.size - n + 1, n)]
-        for i, c in enumerate(chunks):
-            kind = ChunkKind.UTTERANCE_END if i == len(chunks) - 1 else ChunkKind.UTTERANCE
-            self.step([ThinkerInput(sid, i, kind, c, force_listen=True)])
-        for j in range(64):
-            out = self.step([ThinkerInput(sid, 100 + j, ChunkKind.CONTINUATION, np.zeros(n, np.float32),
-                                          response_id="warm")])[0]
-            if j == 3:
-                self.discard_pending(sid)  # the abort path too
-            if out.end_of_turn or (s.reply is not None and s.reply.complete and s.eot_sent):
-                break
-        self.close_session(sid)
-        self._closed.clear()
+        # The abort path too: the reply is discarded after its fourth step.
+        self._throwaway_turn(lambda j, s: self.discard_pending(s.sid) if j == 3 else None)
         log(_log, logging.INFO, "qwen-omni thinker on vllm warm", warm_up_s=round(time.perf_counter() - t0, 2))
 
     # ================================================================== sessions
@@ -566,34 +549,13 @@ class VllmQwenThinker(QwenOmniThinker):
     def _unit(self, s: ThinkerSession) -> tuple[str, np.ndarray | None, np.ndarray | None]:
         """The handoff rows not sent yet: the prompt's rows on a reply's first unit, then one
         row per fed token (handoff.py)."""
-        torch = self.torch
         r = s.reply
         v = self._v[s.sid]
-        assert r is not None and r.pieces is not None
+        assert r is not None
         slot = self.leases.leases[s.sid].slot
         assert slot is not None
-        positions: list[int] = []
-        tokens: list[list[int]] = []
-        base = v.body_start
-        if not s.sent_context:
-            positions = list(range(base))
-            tokens = [[v.ids[p], p, hf.CONTEXT, 0] for p in positions]
-        pieces = [r.pieces.pieces[i] for i in s.unsent]
-        for i, piece in zip(s.unsent, pieces, strict=True):
-            positions.append(base + i)
-            tokens.append([r.body[i], base + i, hf.REPLY, len(piece)])
-        text = "".join(pieces) + s.extra_text
-        s.extra_text = ""
-        s.unsent.clear()
-        if not positions:
-            return text, None, None
-        if positions[-1] >= len(v.ids):
-            raise EngineError(f"row store holds {len(v.ids)} positions, the handoff needs {positions[-1] + 1}",
-                              s.sid, "engine_error")
-        rows = hf.to_wire(self.rows[slot, torch.tensor(positions, device=self.device)])
-        tok = np.array(tokens, dtype=np.int32)
-        if not s.sent_context:
-            s.sent_context = True
-            rows = np.concatenate([rows, self.special_rows])
-            tok = np.concatenate([tok, self.special_tokens])
-        return text, tok, rows
+        if s.unsent and v.body_start + s.unsent[-1] >= len(v.ids):
+            raise EngineError(f"row store holds {len(v.ids)} positions, the handoff needs "
+                              f"{v.body_start + s.unsent[-1] + 1}", s.sid, "engine_error")
+        return hf.pending_unit(s, self.rows[slot], v.body_start, lambda p: v.ids[p], self.special_rows,
+                               self.special_tokens)
