@@ -237,6 +237,37 @@ class EventLog:
             await self._cond.wait_for(lambda: self.closed)
 
 
+
+class JsonClient(EventLog):
+    """A raw websocket client of a JSON protocol (Realtime, native, the demo bridge); binary
+    frames (the native protocol's output audio) are recorded as ``(audio frame)`` events."""
+
+    def __init__(self, ws: Any) -> None:
+        super().__init__()
+        self.ws = ws
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.ws:
+                await self.add({"type": "(audio frame)"} if isinstance(frame, bytes) else json.loads(frame))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            await self.mark_closed()
+
+    async def send(self, event: dict[str, Any] | str) -> None:
+        await self.ws.send(event if isinstance(event, str) else json.dumps(event))
+
+    async def ask(self, event: dict[str, Any] | str, answer: str, within_s: float = 15.0) -> dict[str, Any]:
+        n = len(self.events)
+        await self.send(event)
+        return await self.wait_for(answer, start=n, within_s=within_s)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
+
 class NativeClient(EventLog):
     """Records everything a ``/v1/duplex`` connection receives."""
 

@@ -9,7 +9,6 @@ The demo protocol's error events carry only a text, so its codes are read from t
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.harness import EventLog, NativeClient, ServerProcess, free_port
+from tests.harness import JsonClient, NativeClient, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,35 +36,6 @@ def server() -> Iterator[ServerProcess]:
     with s:
         yield s
 
-
-class JsonClient(EventLog):
-    """A raw websocket client of a JSON protocol (Realtime, the demo bridge)."""
-
-    def __init__(self, ws: Any) -> None:
-        super().__init__()
-        self.ws = ws
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for frame in self.ws:
-                await self.add(json.loads(frame))
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            await self.mark_closed()
-
-    async def send(self, event: dict[str, Any] | str) -> None:
-        await self.ws.send(event if isinstance(event, str) else json.dumps(event))
-
-    async def ask(self, event: dict[str, Any] | str, answer: str) -> dict[str, Any]:
-        n = len(self.events)
-        await self.send(event)
-        return await self.wait_for(answer, start=n)
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._reader
 
 
 async def _realtime(server: ServerProcess) -> JsonClient:

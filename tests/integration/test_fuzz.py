@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.harness import EventLog, ServerProcess, free_port, silence, tone
+from tests.harness import JsonClient, ServerProcess, free_port, silence, tone
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,36 +48,6 @@ def server() -> Iterator[ServerProcess]:
     with s:
         yield s
 
-
-class Client(EventLog):
-    """A raw websocket client of a JSON protocol."""
-
-    def __init__(self, ws: Any) -> None:
-        super().__init__()
-        self.ws = ws
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for frame in self.ws:
-                # The native protocol's output audio comes as binary frames.
-                await self.add({"type": "(audio frame)"} if isinstance(frame, bytes) else json.loads(frame))
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            await self.mark_closed()
-
-    async def send(self, event: Event) -> None:
-        await self.ws.send(event if isinstance(event, str) else json.dumps(event))
-
-    async def ask(self, event: Event, answer: str, within_s: float = 15.0) -> dict[str, Any]:
-        n = len(self.events)
-        await self.send(event)
-        return await self.wait_for(answer, start=n, within_s=within_s)
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._reader
 
 
 # ---------------------------------------------------------------------- the generator
@@ -198,8 +168,8 @@ def bridge_event(rng: random.Random, i: int) -> Event:
 
 
 # ---------------------------------------------------------------------- connections and turns
-async def _realtime(server: ServerProcess) -> Client:
-    c = Client(await websockets.connect(f"ws://{server.base}/v1/realtime", max_size=None))
+async def _realtime(server: ServerProcess) -> JsonClient:
+    c = JsonClient(await websockets.connect(f"ws://{server.base}/v1/realtime", max_size=None))
     await c.wait_for("session.created")
     await c.ask(
         {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}}},
@@ -208,8 +178,8 @@ async def _realtime(server: ServerProcess) -> Client:
     return c
 
 
-async def _native(server: ServerProcess) -> Client:
-    c = Client(await websockets.connect(f"ws://{server.base}/v1/duplex", max_size=None))
+async def _native(server: ServerProcess) -> JsonClient:
+    c = JsonClient(await websockets.connect(f"ws://{server.base}/v1/duplex", max_size=None))
     await c.wait_for("session.created")
     await c.ask({"type": "session.update", "session": {"turn_mode": "manual"}}, "session.updated")
     return c
@@ -225,10 +195,10 @@ def _bridge_port(server: ServerProcess) -> int:
     )
 
 
-async def _bridge(server: ServerProcess, name: str) -> Client:
+async def _bridge(server: ServerProcess, name: str) -> JsonClient:
     url = f"ws://127.0.0.1:{_bridge_port(server)}/ws/duplex?session_id={name}"
     for _ in range(50):  # the bridge serves one client: the last one may still be releasing
-        c = Client(await websockets.connect(url, max_size=None))
+        c = JsonClient(await websockets.connect(url, max_size=None))
         try:
             await c.ask({"type": "prepare", "config": {"force_listen_count": 0, "sample_rate": 16000}}, "prepared", 5)
             return c
@@ -238,7 +208,7 @@ async def _bridge(server: ServerProcess, name: str) -> Client:
     raise AssertionError("the bridge never took a new connection")
 
 
-async def _realtime_turn(c: Client) -> None:
+async def _realtime_turn(c: JsonClient) -> None:
     n = len(c.events)
     await c.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(_pcm16(tone(300))).decode()})
     await c.send({"type": "input_audio_buffer.commit"})
@@ -248,7 +218,7 @@ async def _realtime_turn(c: Client) -> None:
     assert c.of("response.output_audio.delta", n)
 
 
-async def _native_turn(c: Client) -> None:
+async def _native_turn(c: JsonClient) -> None:
     n = len(c.events)
     await c.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(_pcm16(tone(300))).decode()})
     await c.send({"type": "input_audio_buffer.commit"})
@@ -261,7 +231,7 @@ async def _native_turn(c: Client) -> None:
     assert c.of("(audio frame)", n)
 
 
-async def _bridge_turn(c: Client) -> None:
+async def _bridge_turn(c: JsonClient) -> None:
     """Speech, then silence: the model speaks (a result with is_listen false and audio)."""
     n = len(c.events)
     for pcm in (tone(1000, 16000), silence(1000, 16000), silence(1000, 16000)):
@@ -277,7 +247,7 @@ def _pcm16(x: np.ndarray) -> bytes:
     return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-async def _fuzz(c: Client, make: Callable[[random.Random, int], Event], rng: random.Random) -> dict[str, int]:
+async def _fuzz(c: JsonClient, make: Callable[[random.Random, int], Event], rng: random.Random) -> dict[str, int]:
     """Send EVENTS bad events one at a time; each must be answered by exactly one error."""
     kinds: dict[str, int] = {}
     for i in range(EVENTS):
@@ -294,7 +264,7 @@ async def _fuzz(c: Client, make: Callable[[random.Random, int], Event], rng: ran
     return kinds
 
 
-def _errors(c: Client) -> int:
+def _errors(c: JsonClient) -> int:
     return len(c.of("error"))
 
 
