@@ -198,11 +198,13 @@ async def test_browser_demo_with_the_scripted_engine(
     # Duplex latency starts where turn mode's does, at the end of the user's speech: the
     # scripted model takes the turn only after a whole silent 100 ms chunk, so the figure
     # holds at least that, plus the time from the model's speak to the first sample played.
-    # The page stamps speech end at the capture of the newest voiced 20 ms frame, whose
-    # voiced part may end up to a frame earlier: the bound is 100 ms less one frame.
+    # The page stamps speech end at the capture of the newest voiced 20 ms frame, and headless
+    # Chromium delivers its fake microphone's frames in bursts, so the stamp can come up to a
+    # few frames late (67 ms seen). A latency that started at the model's decision instead
+    # would show a hand-over near 0: the bound, 40 ms, tells the two apart.
     duplex = [t for t in after["turns"] if t["mode"] == "duplex"]
     assert all(t["signal"] == "response.speak" for t in duplex), duplex
-    assert all(t["handoverMs"] >= 80 and t["latencyMs"] > t["handoverMs"] for t in duplex), duplex
+    assert all(t["handoverMs"] >= 40 and t["latencyMs"] > t["handoverMs"] for t in duplex), duplex
     # The engine says what it is, on the page.
     assert after["notice"] == "scripted test engine: it answers with tones, not words"
     assert await page.inner_text("#notice") == after["notice"]
