@@ -158,8 +158,13 @@ async def test_metrics_cover_every_role(scripted_server: ServerProcess) -> None:
     while True:
         text = await asyncio.to_thread(_metrics, scripted_server)
         roles = {r for r in ("adapter", "host", "stage0", "stage1") if f'role="{r}"' in text}
-        # Stages ship their metrics every couple of seconds: wait for the turn's steps to show.
-        if len(roles) == 4 and 'duplexd_stage_step_seconds_count{identity="stage1' in text:
+        # Stages and the host ship their metrics every couple of seconds: wait for the turn's
+        # steps and its completed response to show (one snapshot may lag the other).
+        if (
+            len(roles) == 4
+            and 'duplexd_stage_step_seconds_count{identity="stage1' in text
+            and 'duplexd_responses_total{identity="host",role="host",status="completed"}' in text
+        ):
             break
         assert time.monotonic() < deadline, text[-2000:]
         await asyncio.sleep(0.3)
